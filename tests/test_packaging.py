@@ -1,0 +1,39 @@
+"""`pip install .` (not only -e) must ship the configs and the console scripts."""
+import configparser
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_entry_points(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), "-q"],
+        check=True, capture_output=True, text=True)
+    (wheel,) = tmp_path.glob("segkit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {n for n in names if n.startswith("segkit/configs/")}
+    expected = {"segkit/configs/" + str(p.relative_to(ROOT / "configs"))
+                for p in (ROOT / "configs").rglob("*.yaml")}
+    assert expected and expected <= shipped
+    assert "segkit/registry.py" in names
+    (ep_name,) = [n for n in names if n.endswith("entry_points.txt")]
+    eps = configparser.ConfigParser()
+    eps.read_string(zipfile.ZipFile(wheel).read(ep_name).decode())
+    assert set(eps["console_scripts"]) == {"segkit-train", "segkit-eval", "segkit-demo"}
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run reads its command from the README, so the two cannot drift apart."""
+    out = subprocess.run(
+        ["awk", '/<!-- test command -->/{f=1; next} f && /^```/{if (inblock) exit; inblock=1; '
+         'next} f && inblock {print; exit}', str(ROOT / "README.md")],
+        check=True, capture_output=True, text=True).stdout.strip()
+    assert "pytest" in out and "pip install" in out
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()
