@@ -1,0 +1,247 @@
+"""COCO-format instance annotations -> segkit dataset records.
+
+A record is one image::
+
+    {"file_name": str, "image_id": int, "height": int, "width": int,
+     "annotations": [{"bbox": [x, y, w, h] (COCO XYWH, absolute pixels), "bbox_mode": "xywh",
+                      "category_id": contiguous id 0..K-1, "segmentation": polygons
+                      (list[list[float]]) or an RLE dict (compressed or not, as in the file),
+                      "iscrowd": 0/1, "area": float, "id": int}, ...]}
+
+Contiguous ids follow the sorted dataset category ids; ``metadata["contiguous_to_category_id"]``
+maps them back for evaluation. What the reader does with imperfect annotations:
+
+* a box with ``w <= 0`` or ``h <= 0`` carries no object: it is dropped, and one warning per
+  file lists how many and which annotation ids;
+* a box partly outside the image is clipped to it (the segmentation and area stay as given,
+  COCO's evaluation uses them unchanged); a box entirely outside is dropped like a degenerate one;
+* polygons with fewer than 3 points are dropped (an annotation left without any is dropped);
+* images without annotations are kept (evaluation needs them); the training loader's
+  ``filter_empty`` drops them; crowd annotations are kept with ``iscrowd=1``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections import Counter
+from typing import Any, Dict, List, Optional, Tuple
+
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+
+from segkit.registry import DATASETS
+
+__all__ = ["load_coco_json", "coco_json", "coco_2017", "datasets_root"]
+
+
+def _key(config_path: str, arg: str) -> str:
+    return f"{config_path}.{arg}" if config_path else arg
+
+
+def _check_paths(json_file: str, image_root: str, config_path: str) -> None:
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(
+            f"COCO annotation file not found: {json_file} (config key "
+            f"'{_key(config_path, 'json')}'); expected a COCO instances json file")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(
+            f"image folder not found: {image_root} (config key '{_key(config_path, 'images')}'); "
+            f"expected the folder the json's image file_name entries are relative to")
+
+
+def _read_json(json_file: str) -> Dict[str, Any]:
+    try:
+        with open(json_file, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON in {json_file}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_file}: expected a COCO json object with 'images', "
+                         f"'annotations' and 'categories', got a {type(data).__name__}")
+    for k in ("images", "categories"):
+        if not isinstance(data.get(k), list):
+            raise ValueError(f"{json_file}: missing or invalid '{k}' list (COCO format expected)")
+    data.setdefault("annotations", [])
+    # pycocotools indexes by these keys and would fail with a bare KeyError
+    for k, required in (("images", ("id", "file_name")), ("categories", ("id", "name")),
+                        ("annotations", ("id", "image_id"))):
+        for i, entry in enumerate(data[k]):
+            missing = [r for r in required if not isinstance(entry, dict) or r not in entry]
+            if missing:
+                raise ValueError(f"{json_file}: {k}[{i}] lacks {', '.join(missing)}")
+    dup = [i for i, n in Counter(a["id"] for a in data["annotations"]).items() if n > 1]
+    if dup:
+        raise ValueError(f"{json_file}: duplicate annotation ids, e.g. {sorted(dup)[:10]}")
+    return data
+
+
+def _segmentation(ann: dict, height: int, width: int, where: str) -> Optional[Any]:
+    """The annotation's mask in record form; ``None`` when it has no usable mask."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):  # RLE, compressed (str counts) or uncompressed (list counts)
+        if "counts" not in seg or list(seg.get("size", [])) != [height, width]:
+            raise ValueError(f"{where}: RLE segmentation must have 'counts' and size "
+                             f"[{height}, {width}] (the image size), got size {seg.get('size')}")
+        return seg
+    if not seg:
+        return None
+    if not isinstance(seg, list) or not all(isinstance(p, list) for p in seg):
+        raise ValueError(f"{where}: segmentation must be a list of polygons or an RLE dict")
+    polys = []
+    for p in seg:
+        if len(p) % 2:
+            raise ValueError(f"{where}: polygon with an odd number of coordinates ({len(p)})")
+        if len(p) >= 6:  # fewer than 3 points has no area
+            polys.append([float(v) for v in p])
+    return polys or None
+
+
+def _annotation(ann: dict, img: dict, cat_map: Dict[int, int], json_file: str,
+                dropped: List[int]) -> Optional[dict]:
+    """Convert one COCO annotation; appends its id to ``dropped`` when it is unusable."""
+    ann_id = ann.get("id")
+    where = f"{json_file}: annotation id {ann_id} (image id {img['id']})"
+    if ann.get("category_id") not in cat_map:
+        raise ValueError(f"{where}: category_id {ann.get('category_id')!r} is not in the "
+                         f"file's categories (ids {sorted(cat_map)})")
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        dropped.append(ann_id)
+        return None
+    height, width = img["height"], img["width"]
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x2 <= x1 or y2 <= y1:  # entirely outside the image
+        dropped.append(ann_id)
+        return None
+    out = {"bbox": [x1, y1, x2 - x1, y2 - y1], "bbox_mode": "xywh",
+           "category_id": cat_map[ann["category_id"]], "iscrowd": int(ann.get("iscrowd", 0)),
+           "id": ann_id}
+    seg = _segmentation(ann, height, width, where)
+    if seg is None and ann.get("segmentation"):  # only degenerate polygons
+        dropped.append(ann_id)
+        return None
+    if seg is not None:
+        out["segmentation"] = seg
+    area = ann.get("area")
+    if area is None:
+        area = (float(mask_util.area(_to_rle(seg, height, width))) if seg is not None
+                else (x2 - x1) * (y2 - y1))
+    out["area"] = float(area)
+    return out
+
+
+def _to_rle(seg: Any, height: int, width: int) -> dict:
+    """Polygons or (un)compressed RLE -> one compressed RLE."""
+    if isinstance(seg, dict):
+        if isinstance(seg["counts"], list):
+            return mask_util.frPyObjects(seg, height, width)
+        counts = seg["counts"]
+        if isinstance(counts, str):
+            counts = counts.encode("ascii")
+        return {"size": seg["size"], "counts": counts}
+    return mask_util.merge(mask_util.frPyObjects(seg, height, width))
+
+
+def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
+                   config_path: str = "") -> Tuple[List[dict], Dict[str, Any]]:
+    """Read a COCO instances json into records and metadata.
+
+    Args:
+        json_file: path of the annotation file.
+        image_root: folder that the images' ``file_name`` entries are relative to.
+        name: dataset name; defaults to the json file's stem.
+        config_path: dotted config path of the dataset node, for error messages.
+
+    Returns:
+        ``(records, metadata)``: one record per image in file order (see the module
+        docstring), and ``{"name", "thing_classes", "contiguous_to_category_id",
+        "json_file", "image_root"}``.
+
+    Raises:
+        FileNotFoundError: the json file or the image folder does not exist.
+        ValueError: malformed JSON, an annotation with an unknown category or image id,
+            duplicate ids, or a malformed bbox/segmentation (the message names the file and id).
+    """
+    json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    _check_paths(json_file, image_root, config_path)
+    data = _read_json(json_file)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+
+    cat_ids = sorted(c["id"] for c in data["categories"])
+    if len(set(cat_ids)) != len(cat_ids):
+        raise ValueError(f"{json_file}: duplicate category ids in 'categories'")
+    cat_map = {cid: i for i, cid in enumerate(cat_ids)}
+    thing_classes = [coco.cats[cid]["name"] for cid in cat_ids]
+    if len(coco.imgs) != len(data["images"]):
+        raise ValueError(f"{json_file}: duplicate image ids in 'images'")
+    for ann in data["annotations"]:
+        if ann.get("image_id") not in coco.imgs:
+            raise ValueError(f"{json_file}: annotation id {ann.get('id')} refers to image id "
+                             f"{ann.get('image_id')!r}, which is not in 'images'")
+
+    records, dropped = [], []
+    for img in data["images"]:
+        h, w = img.get("height"), img.get("width")
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            raise ValueError(f"{json_file}: image id {img.get('id')} needs positive integer "
+                             f"'height' and 'width', got {h!r} x {w!r}")
+        anns = [_annotation(a, img, cat_map, json_file, dropped) for a in coco.imgToAnns[img["id"]]]
+        records.append({"file_name": os.path.join(image_root, img["file_name"]),
+                        "image_id": img["id"], "height": h, "width": w,
+                        "annotations": [a for a in anns if a is not None]})
+    if dropped:
+        shown = ", ".join(str(i) for i in dropped[:20]) + (" ..." if len(dropped) > 20 else "")
+        warnings.warn(f"{json_file}: dropped {len(dropped)} annotation(s) with an empty box "
+                      f"(w <= 0, h <= 0, outside the image) or only degenerate polygons; "
+                      f"ids: {shown}", stacklevel=2)
+    metadata = {
+        "name": name or os.path.splitext(os.path.basename(json_file))[0],
+        "thing_classes": thing_classes,
+        "contiguous_to_category_id": {i: cid for cid, i in cat_map.items()},
+        "json_file": json_file, "image_root": image_root,
+    }
+    return records, metadata
+
+
+@DATASETS.register("coco_json")
+def coco_json(json: str, images: str, name: Optional[str] = None, config_path: str = ""):
+    """DATASETS entry for any COCO-format dataset: see :func:`load_coco_json`.
+
+    ``config_path`` is filled by ``get_dataset()`` at build time, not set in configs.
+    """
+    return load_coco_json(json, images, name=name, config_path=config_path)
+
+
+def datasets_root() -> str:
+    """Where the standard datasets live: ``$SEGKIT_DATASETS``, default ``./datasets``."""
+    return os.environ.get("SEGKIT_DATASETS", "datasets")
+
+
+@DATASETS.register("coco_2017")
+def coco_2017(split: str, config_path: str = ""):
+    """COCO 2017 ``train`` or ``val`` from ``$SEGKIT_DATASETS/coco`` (default ./datasets/coco)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"coco_2017 split must be 'train' or 'val', got {split!r} "
+                         f"(config key '{_key(config_path, 'split')}')")
+    root = os.path.join(datasets_root(), "coco")
+    json_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
+    image_root = os.path.join(root, f"{split}2017")
+    missing = [p for p in (json_file, image_root) if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"COCO 2017 {split} not found: missing {', '.join(missing)}. Expected "
+            f"$SEGKIT_DATASETS/coco/annotations/instances_{split}2017.json and "
+            f"$SEGKIT_DATASETS/coco/{split}2017/ (SEGKIT_DATASETS is "
+            f"{os.environ.get('SEGKIT_DATASETS', 'unset, so ./datasets is used')}); download "
+            f"COCO 2017 there or set SEGKIT_DATASETS to the folder that holds coco/")
+    return load_coco_json(json_file, image_root, name=f"coco_2017_{split}", config_path=config_path)

@@ -1,0 +1,174 @@
+"""Dataset record -> model input: decode the image, augment, build ground-truth ``Instances``.
+
+The output follows the model-input contract::
+
+    {"image": uint8 Tensor (3, H', W') RGB, resized, "height": H, "width": W (original size),
+     "file_name": str, "image_id": int, "instances": Instances (training only) with
+     gt_boxes: Boxes (N, 4) XYXY absolute at (H', W'), gt_classes: int64 (N,),
+     gt_masks: PolygonMasks or BitMasks (N, H', W')}
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from segkit.data.transforms import (Augmentation, RandomFlip, ResizeShortestEdge, Transform,
+                                    apply_augmentations)
+from segkit.structures import (BitMasks, Boxes, Instances, PolygonMasks, polygons_to_bitmask,
+                               rle_to_bitmask)
+
+__all__ = ["DatasetMapper", "ImageReadError", "read_image"]
+
+
+class ImageReadError(OSError):
+    """An image file is missing, unreadable or corrupt; the message and ``.path`` name it."""
+
+    # One positional message argument, so a DataLoader worker can re-raise it in the main
+    # process as the same type (torch rebuilds worker exceptions from their message).
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file to RGB.
+
+    The EXIF orientation is applied, as COCO's height/width describe the upright image.
+
+    Returns:
+        (H, W, 3) uint8 RGB array.
+
+    Raises:
+        ImageReadError: missing, unreadable, truncated or corrupt file (the message names it).
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # also forces the full decode: truncation shows here
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise ImageReadError(f"cannot read image {path}: file not found", path) from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}", path) from e
+
+
+def _xyxy(ann: Mapping[str, Any], where: str) -> List[float]:
+    x, y, a, b = (float(v) for v in ann["bbox"])
+    mode = ann.get("bbox_mode", "xywh")
+    if mode == "xywh":
+        return [x, y, x + a, y + b]
+    if mode == "xyxy":
+        return [x, y, a, b]
+    raise ValueError(f"{where}: unknown bbox_mode {mode!r}; expected 'xywh' or 'xyxy'")
+
+
+class DatasetMapper:
+    """Callable turning one dataset record into one model input dict.
+
+    Args:
+        is_train: training mode: random short-side size and flip, crowd annotations dropped,
+            ``instances`` built. In test mode only the image is resized (to ``min_size``).
+        min_size: short-side size(s); training picks one per image ("choice").
+        max_size: cap on the long side.
+        flip_prob: probability of a horizontal flip (training only).
+        mask_format: "polygon" keeps polygons as ``PolygonMasks`` (cheap, exact); an image
+            with any RLE annotation falls back to ``BitMasks`` since RLE has no polygon form.
+            "bitmask" always gives ``BitMasks`` at the resized size.
+        use_masks: build ``gt_masks`` (False for box-only models and datasets).
+    """
+
+    def __init__(self, is_train: bool, min_size: Union[int, Sequence[int]], max_size: int,
+                 flip_prob: float = 0.5, mask_format: str = "polygon", use_masks: bool = True):
+        if mask_format not in ("polygon", "bitmask"):
+            raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got {mask_format!r}")
+        self.is_train, self.mask_format, self.use_masks = is_train, mask_format, use_masks
+        augs: List[Augmentation] = [ResizeShortestEdge(min_size, max_size, "choice")]
+        if is_train and flip_prob > 0:
+            augs.append(RandomFlip(flip_prob))
+        self.augmentations = augs
+
+    @classmethod
+    def from_config(cls, dataloader: Mapping[str, Any], is_train: bool,
+                    use_masks: bool = True) -> "DatasetMapper":
+        """Build from the ``dataloader`` config node (min/max_size_train/test, random_flip,
+        mask_format)."""
+        if is_train:
+            return cls(True, list(dataloader["min_size_train"]), dataloader["max_size_train"],
+                       flip_prob=dataloader.get("random_flip", 0.5),
+                       mask_format=dataloader.get("mask_format", "polygon"), use_masks=use_masks)
+        return cls(False, dataloader["min_size_test"], dataloader["max_size_test"], 0.0,
+                   mask_format=dataloader.get("mask_format", "polygon"), use_masks=use_masks)
+
+    def __call__(self, record: Mapping[str, Any],
+                 rng: Optional[np.random.Generator] = None) -> Dict[str, Any]:
+        """Map one record.
+
+        Args:
+            record: dataset record (not modified).
+            rng: source of the augmentation randomness. The loaders pass one seeded per sample
+                so batches do not depend on the number of workers; by default a generator is
+                seeded from numpy's global RNG (which the loader workers seed).
+
+        Raises:
+            ImageReadError: the image cannot be read.
+            ValueError: the decoded size differs from the record's height/width.
+        """
+        if rng is None:
+            rng = np.random.default_rng(np.random.randint(0, 2**31 - 1))
+        path = record["file_name"]
+        image = read_image(path)
+        h, w = record.get("height", image.shape[0]), record.get("width", image.shape[1])
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"{path}: decoded image is {image.shape[0]}x{image.shape[1]} "
+                             f"(h x w) but the dataset record says {h}x{w}")
+        image, tfm = apply_augmentations(self.augmentations, image, rng)
+        out = {"file_name": path, "image_id": record.get("image_id"), "height": h, "width": w,
+               "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+        if self.is_train:
+            out["instances"] = self.annotations_to_instances(
+                record.get("annotations", []), tfm, (h, w), image.shape[:2], path)
+        return out
+
+    def annotations_to_instances(self, annotations: Sequence[Mapping[str, Any]], tfm: Transform,
+                                 orig_size, image_size, path: str = "") -> Instances:
+        """Transform the non-crowd annotations and pack them into ``Instances``.
+
+        Boxes are clipped to the transformed image and boxes left empty are removed, together
+        with their classes and masks.
+        """
+        # Crowd regions are not object instances: Mask R-CNN (like Detectron) neither matches
+        # nor trains on them. They stay in the records for evaluation.
+        anns = [a for a in annotations if not a.get("iscrowd", 0)]
+        boxes = np.array([_xyxy(a, f"{path}: annotation id {a.get('id')}") for a in anns],
+                         dtype=np.float64).reshape(-1, 4)
+        gt_boxes = Boxes(torch.as_tensor(tfm.apply_boxes(boxes), dtype=torch.float32))
+        gt_boxes.clip(image_size)
+        inst = Instances(image_size, gt_boxes=gt_boxes,
+                         gt_classes=torch.tensor([int(a["category_id"]) for a in anns],
+                                                 dtype=torch.int64))
+        if self.use_masks:
+            inst.gt_masks = self._masks(anns, tfm, orig_size, image_size, path)
+        keep = inst.gt_boxes.nonempty(threshold=1e-5)
+        return inst if bool(keep.all()) else inst[keep]
+
+    def _masks(self, anns, tfm: Transform, orig_size, image_size, path: str):
+        segs = []
+        for a in anns:
+            if a.get("segmentation") is None:
+                raise ValueError(f"{path}: annotation id {a.get('id')} has no segmentation, but "
+                                 f"the mapper builds masks (use_masks=False for box-only data)")
+            segs.append(a["segmentation"])
+        if self.mask_format == "polygon" and all(isinstance(s, list) for s in segs):
+            return PolygonMasks([tfm.apply_polygons(s) for s in segs])
+        h, w = image_size
+        masks = np.zeros((len(segs), h, w), dtype=bool)
+        rle_idx = [i for i, s in enumerate(segs) if isinstance(s, dict)]
+        for i, s in enumerate(segs):
+            if not isinstance(s, dict):  # rasterising after the transform is exact at (h, w)
+                masks[i] = polygons_to_bitmask(tfm.apply_polygons(s), h, w).numpy()
+        if rle_idx:
+            decoded = np.stack([rle_to_bitmask(segs[i], *orig_size).numpy() for i in rle_idx])
+            masks[rle_idx] = tfm.apply_masks(decoded)
+        return BitMasks(torch.from_numpy(masks))

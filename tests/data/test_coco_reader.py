@@ -1,0 +1,191 @@
+"""COCO-format reader: record format, contiguous ids, imperfect annotations, clear errors."""
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from coco_samples import tiny_coco_dict
+from pycocotools.coco import COCO
+
+from segkit.data import DatasetCatalog, MetadataCatalog, get_dataset, load_coco_json
+
+COCOAPI_JSON = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cocoapi"
+                / "instances_val2014_100.json")
+
+
+def _load(json_path, img_dir, **kw):
+    with pytest.warns(UserWarning, match=r"dropped 2 annotation.*ids: 4, 6") as rec:
+        out = load_coco_json(json_path, img_dir, **kw)
+    assert len(rec) == 1  # one summary warning, not one per annotation
+    return out
+
+
+def test_records_and_metadata(tiny_coco):
+    json_path, img_dir = tiny_coco
+    records, meta = _load(json_path, img_dir)
+    # sorted category ids [3, 7] -> contiguous [0, 1]
+    assert meta["thing_classes"] == ["three", "seven"]
+    assert meta["contiguous_to_category_id"] == {0: 3, 1: 7}
+    assert meta["name"] == "ann"
+    assert meta["json_file"] == json_path and meta["image_root"] == img_dir
+    assert [r["image_id"] for r in records] == [10, 11, 12]  # file order, empty image kept
+    r0 = records[0]
+    assert r0["file_name"] == os.path.join(img_dir, "a.png")
+    assert (r0["height"], r0["width"]) == (40, 60)
+    by_id = {a["id"]: a for a in r0["annotations"]}
+    assert sorted(by_id) == [1, 2, 3, 5]
+    assert by_id[1]["category_id"] == 1 and by_id[2]["category_id"] == 0
+    assert by_id[1]["segmentation"] == [[10, 4, 30, 4, 30, 16, 10, 16]]  # polygon kept
+    assert by_id[1]["bbox_mode"] == "xywh" and by_id[1]["area"] == 240.0
+    assert isinstance(by_id[2]["segmentation"], dict)  # compressed RLE kept as RLE
+    assert isinstance(by_id[3]["segmentation"]["counts"], list)  # uncompressed RLE kept
+    assert by_id[3]["iscrowd"] == 1
+    assert records[1]["annotations"] == []
+
+
+def test_box_partly_outside_is_clipped(tiny_coco):
+    records, _ = _load(*tiny_coco)
+    ann5 = next(a for a in records[0]["annotations"] if a["id"] == 5)
+    # [50, 30, 20, 20] in a 60x40 image -> x 50..60, y 30..40
+    assert ann5["bbox"] == [50.0, 30.0, 10.0, 10.0]
+
+
+def test_rle_masks_decode_to_the_original(tiny_coco):
+    records, _ = _load(*tiny_coco)
+    by_id = {a["id"]: a for a in records[0]["annotations"]}
+    expected = np.zeros((40, 60), np.uint8)
+    expected[4:16, 10:30] = 1
+    seg = by_id[2]["segmentation"]
+    got = mask_util.decode({"size": seg["size"], "counts": seg["counts"].encode()})
+    np.testing.assert_array_equal(got, expected)
+    crowd = mask_util.decode(mask_util.frPyObjects(by_id[3]["segmentation"], 40, 60))
+    assert crowd.sum() == 150 and crowd[20:30, 40:55].all()
+
+
+def test_unknown_category_names_annotation_and_category(tmp_path, tiny_coco):
+    data = tiny_coco_dict()
+    data["annotations"][4]["category_id"] = 99
+    path = tmp_path / "bad_cat.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"bad_cat.json.*annotation id 5.*category_id 99"):
+        load_coco_json(str(path), tiny_coco[1])
+
+
+def test_malformed_json_names_the_file(tmp_path, tiny_coco):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"malformed JSON in .*broken.json"):
+        load_coco_json(str(path), tiny_coco[1])
+    path.write_text('{"annotations": []}')
+    with pytest.raises(ValueError, match=r"broken.json.*'images'"):
+        load_coco_json(str(path), tiny_coco[1])
+
+
+def test_annotation_for_unknown_image(tmp_path, tiny_coco):
+    data = tiny_coco_dict()
+    data["annotations"][0]["image_id"] = 404
+    path = tmp_path / "orphan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotation id 1 refers to image id 404"):
+        load_coco_json(str(path), tiny_coco[1])
+
+
+def test_rle_of_the_wrong_size(tmp_path, tiny_coco):
+    data = tiny_coco_dict()
+    data["annotations"][1]["segmentation"]["size"] = [41, 60]
+    path = tmp_path / "size.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotation id 2 \(image id 10\).*size \[40, 60\]"):
+        load_coco_json(str(path), tiny_coco[1])
+
+
+def test_missing_paths_name_the_config_key(tmp_path, tiny_coco):
+    json_path, img_dir = tiny_coco
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match=r"nope.json.*'dataset.train.json'"):
+        get_dataset({"name": "coco_json", "json": missing, "images": img_dir}, path="dataset.train")
+    with pytest.raises(FileNotFoundError, match=r"no_images.*'dataset.val.images'"):
+        get_dataset({"name": "coco_json", "json": json_path, "images": str(tmp_path / "no_images")},
+                    path="dataset.val")
+
+
+def test_get_dataset_registers_and_caches(tiny_coco):
+    json_path, img_dir = tiny_coco
+    node = {"name": "coco_json", "json": json_path, "images": img_dir}
+    with pytest.warns(UserWarning):
+        records, meta = get_dataset(dict(node), path="dataset.train")
+    assert meta["name"] == "ann"
+    assert DatasetCatalog.get("ann") is records
+    assert MetadataCatalog.get("ann")["thing_classes"] == ["three", "seven"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: the file is not parsed (or warned about) again
+        again, _ = get_dataset(dict(node), path="dataset.train")
+    assert again is records
+
+
+def test_coco_2017_missing_explains_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGKIT_DATASETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017.json.*SEGKIT_DATASETS"):
+        get_dataset({"name": "coco_2017", "split": "val"})
+    with pytest.raises(ValueError, match=r"'train' or 'val'"):
+        get_dataset({"name": "coco_2017", "split": "test"})
+
+
+@pytest.mark.skipif(not COCOAPI_JSON.is_file(),
+                    reason=f"cocoapi reference annotations not found at {COCOAPI_JSON}")
+def test_real_coco_subset_matches_pycocotools(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # real COCO annotations have nothing to drop
+        records, meta = load_coco_json(str(COCOAPI_JSON), str(tmp_path))
+    coco = COCO(str(COCOAPI_JSON))
+    assert len(records) == 100
+    assert sum(len(r["annotations"]) for r in records) == 839
+    assert len(meta["thing_classes"]) == 80
+    assert sum(a["iscrowd"] for r in records for a in r["annotations"]) == 9
+    cat_ids = sorted(coco.getCatIds())
+    assert meta["thing_classes"] == [coco.cats[c]["name"] for c in cat_ids]
+    for r in records:
+        ref_ids = sorted(coco.getAnnIds(imgIds=r["image_id"]))
+        assert sorted(a["id"] for a in r["annotations"]) == ref_ids
+        for a in r["annotations"]:
+            ref = coco.anns[a["id"]]
+            assert meta["contiguous_to_category_id"][a["category_id"]] == ref["category_id"]
+            x, y, w, h = ref["bbox"]
+            x2, y2 = min(x + w, r["width"]), min(y + h, r["height"])
+            np.testing.assert_allclose(a["bbox"], [x, y, x2 - x, y2 - y])
+            assert a["area"] == ref["area"]
+            assert isinstance(a["segmentation"], dict) == bool(ref["iscrowd"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["annotations"][0].pop("id"), r"annotations\[0\] lacks id"),
+    (lambda d: d["annotations"][1].update(id=1), r"duplicate annotation ids, e.g. \[1\]"),
+    (lambda d: d["images"][1].update(id=10), r"duplicate image ids"),
+    (lambda d: d["images"][0].update(height=0), r"image id 10 needs positive integer"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation id 1 .*bbox must be"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4, 5, 6, 7]]),
+     r"annotation id 1 .*odd number"),
+])
+def test_structural_errors_name_file_and_id(tmp_path, tiny_coco, edit, message):
+    data = tiny_coco_dict()
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"edited.json.*" + message):
+        load_coco_json(str(path), tiny_coco[1])
+
+
+def test_degenerate_polygons_are_dropped(tmp_path, tiny_coco):
+    data = tiny_coco_dict()
+    data["annotations"][0]["segmentation"] = [[10, 4, 30, 4], [10, 4, 30, 4, 30, 16]]
+    data["annotations"][6]["segmentation"] = [[2, 20, 12, 20]]  # only a 2-point "polygon"
+    path = tmp_path / "degenerate.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"dropped 3 annotation.*ids: 4, 6, 7"):
+        records, _ = load_coco_json(str(path), tiny_coco[1])
+    ann1 = next(a for a in records[0]["annotations"] if a["id"] == 1)
+    assert ann1["segmentation"] == [[10, 4, 30, 4, 30, 16]]
+    assert records[2]["annotations"] == []
