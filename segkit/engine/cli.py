@@ -1,0 +1,156 @@
+"""Console scripts ``segkit-train`` and ``segkit-eval``.
+
+``segkit-train [overrides]`` is a Hydra app on segkit's config tree (full override grammar,
+``-m`` sweeps, ``--cfg job``); it trains, evaluates, and prints the final AP table.
+
+``segkit-eval checkpoint=PATH [overrides]`` (or ``--checkpoint PATH``) evaluates a checkpoint.
+The config comes from the checkpoint's ``meta.config`` when it has one (a segkit training run),
+with the overrides applied on top; otherwise (converted checkpoints, or when an
+``experiment=...`` override is given) it is composed from the config tree.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+__all__ = ["eval_config", "eval_main", "run_eval", "run_train", "train_main"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_train(cfg: DictConfig) -> Dict[str, Any]:
+    """Train from a composed config (honours ``train.resume``); returns the final results."""
+    from .defaults import Trainer, default_setup, format_results_table, save_results_json
+
+    output_dir = default_setup(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=bool(cfg.train.resume))
+    results = trainer.train()
+    logger.info("Final evaluation (%s):\n%s", cfg.get("experiment"),
+                format_results_table(results))
+    save_results_json(results, os.path.join(output_dir, "final_results.json"),
+                      experiment=cfg.get("experiment"))
+    return results
+
+
+def train_main() -> Any:
+    """Entry point of ``segkit-train``."""
+    from segkit.config.app import hydra_app
+
+    return hydra_app(run_train)()
+
+
+def _is_group(key: str) -> bool:
+    """Whether ``key`` names a config group (``dataset``, ``model/backbone``), not a value."""
+    from segkit.config import config_dir
+
+    return (config_dir() / key).is_dir()
+
+
+def eval_config(meta_config: Optional[dict], overrides: Sequence[str]) -> DictConfig:
+    """The evaluation config: the checkpoint's own config plus ``overrides``.
+
+    Value overrides (``train.device=cuda``, ``+x=1``, ``~x``) are applied to the stored config.
+    A group override (``dataset/val=...``, ``dataset=coco_2017``) replaces that subtree with the
+    group's composed content. Without a stored config, or when ``experiment=...`` is given, the
+    config is composed from the tree with all overrides.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from segkit.config import compose
+
+    overrides = list(overrides)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if meta_config is None or any(o.key_or_group == "experiment" and not o.is_delete()
+                                  for o in parsed):
+        return compose(overrides)
+    cfg = OmegaConf.create(meta_config)
+    for text, o in zip(overrides, parsed):
+        key = o.key_or_group
+        if o.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is None or leaf not in node:
+                raise ValueError(f"cannot delete '{key}': not in the checkpoint's config")
+            with open_dict(node):
+                del node[leaf]
+        elif _is_group(key):
+            # '~experiment': the stored config already is the experiment's result
+            sub = OmegaConf.select(compose([text, "~experiment"]), key.replace("/", "."))
+            OmegaConf.update(cfg, key.replace("/", "."), sub, merge=False, force_add=True)
+        else:
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" \
+                    and not o.is_add():
+                raise ValueError(f"unknown config key '{key}' in override '{text}' (not in "
+                                 "the checkpoint's config; use '+key=value' to add one)")
+            OmegaConf.update(cfg, key, o.value(), merge=False, force_add=True)
+    return cfg
+
+
+def _parse_eval_args(argv: Optional[Sequence[str]]) -> Tuple[str, List[str]]:
+    parser = argparse.ArgumentParser(
+        prog="segkit-eval", description="COCO evaluation of a segkit checkpoint. Usage: "
+        "segkit-eval checkpoint=PATH [hydra overrides] (or --checkpoint PATH).")
+    parser.add_argument("--checkpoint", help="checkpoint file (.pth)")
+    parser.add_argument("overrides", nargs="*", help="checkpoint=PATH and config overrides")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    checkpoint, overrides = args.checkpoint, []
+    for o in args.overrides:
+        if o.startswith("checkpoint="):
+            checkpoint = o.split("=", 1)[1]
+        else:
+            overrides.append(o)
+    if not checkpoint:
+        parser.error("no checkpoint given: pass checkpoint=PATH or --checkpoint PATH")
+    return checkpoint, overrides
+
+
+def run_eval(checkpoint: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Evaluate ``checkpoint`` on the validation split; write ``eval_results.json``.
+
+    Results go to ``train.output_dir`` when an override sets it, else to
+    ``<checkpoint folder>/eval_<checkpoint name>``.
+    """
+    from segkit.checkpoint import load_checkpoint, load_state_dict_report
+
+    from .defaults import (build_datasets, build_model, default_setup, evaluate,
+                           format_results_table, save_results_json)
+
+    ckpt = load_checkpoint(checkpoint)
+    meta = ckpt.get("meta") or {}
+    cfg = eval_config(meta.get("config"), overrides)
+    if not any(o.lstrip("+").startswith("train.output_dir=") for o in overrides):
+        stem = os.path.splitext(os.path.basename(checkpoint))[0]
+        with open_dict(cfg):
+            cfg.train.output_dir = os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
+                                                f"eval_{stem}")
+    output_dir = default_setup(cfg)
+    records, metadata = build_datasets(cfg, splits=("val",))["val"]
+    classes, saved = list(metadata["thing_classes"]), list(meta.get("classes") or [])
+    if saved and len(saved) != len(classes):
+        raise ValueError(f"checkpoint '{checkpoint}' was trained on {len(saved)} classes "
+                         f"{saved[:5]}... but dataset.val has {len(classes)}; pick the matching "
+                         "dataset (e.g. dataset=...)")
+    if saved and saved != classes:
+        logger.warning("class names differ between checkpoint %s and the dataset: %s vs %s",
+                       checkpoint, saved, classes)
+    model = build_model(cfg)
+    load_state_dict_report(model, ckpt["model"], source=checkpoint)
+    results = evaluate(cfg, model, records, metadata, output_dir=output_dir)
+    logger.info("Evaluation of %s on %s:\n%s", checkpoint, metadata.get("name"),
+                format_results_table(results))
+    path = save_results_json(results, os.path.join(output_dir, "eval_results.json"),
+                             checkpoint=os.path.abspath(checkpoint), dataset=metadata.get("name"))
+    logger.info("Results written to %s", path)
+    return results
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Entry point of ``segkit-eval``."""
+    checkpoint, overrides = _parse_eval_args(argv)
+    return run_eval(checkpoint, overrides)

@@ -1,0 +1,157 @@
+"""``Trainer``: the standard recipe wired from a composed config.
+
+Datasets -> model -> optimizer + LR schedule -> train loader -> :class:`SimpleTrainer` with the
+standard hooks (timer, LR, periodic checkpoints, evaluation, writers), then the final COCO
+evaluation and PNGs of ground truth next to predictions for a few validation images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from segkit.checkpoint import Checkpointer
+from segkit.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+from . import defaults as D
+from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
+from .rng import set_rng_state
+from .trainer import HookBase, SimpleTrainer
+
+__all__ = ["Trainer", "visualize_predictions"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(SimpleTrainer):
+    """Train (and evaluate) the model described by ``cfg``.
+
+    Usage::
+
+        output_dir = default_setup(cfg)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=cfg.train.resume)
+        results = trainer.train()  # final {"bbox": {...}, "segm": {...}}
+
+    Config keys read besides the builders': ``solver.max_iter``, ``solver.clip_grad_norm``,
+    ``train.output_dir``, ``train.init_weights``, ``train.checkpoint_period``,
+    ``train.eval_period`` (0: only at the end), ``train.log_period``,
+    ``train.num_vis_images``, optional ``train.amp`` (default false).
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        data = D.build_datasets(cfg)
+        self.train_records, self.train_metadata = data["train"]
+        self.val_records, self.val_metadata = data["val"]
+        model = D.build_model(cfg)
+        optimizer = D.build_optimizer(cfg, model)
+        # The loader is built in train(), once resume_or_load knows the start iteration.
+        super().__init__(model, None, optimizer, clip_grad_norm=cfg.solver.get("clip_grad_norm"),
+                         amp=bool(cfg.train.get("amp", False)))
+        self.scheduler = D.build_lr_scheduler(cfg, optimizer)
+        self.output_dir = str(cfg.train.output_dir)
+        self.checkpointer = Checkpointer(
+            model, self.output_dir, optimizer=optimizer, scheduler=self.scheduler,
+            meta=D.checkpoint_meta(cfg, self.train_metadata["thing_classes"]))
+        self.start_iter = 0
+        self.max_iter = int(cfg.solver.max_iter)
+        self.eval_hook: Optional[EvalHook] = None
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> List[HookBase]:
+        """The standard hooks, in the order they must run (writers last)."""
+        cfg = self.cfg
+        self.eval_hook = EvalHook(int(cfg.train.eval_period), self.test)
+        return [
+            IterationTimer(),
+            LRScheduler(self.scheduler, self.optimizer),
+            PeriodicCheckpointer(self.checkpointer, int(cfg.train.checkpoint_period)),
+            self.eval_hook,
+            PeriodicWriter(self.build_writers(), period=int(cfg.train.log_period)),
+        ]
+
+    def build_writers(self) -> List[Any]:
+        """Console line + progress bar, ``metrics.json`` lines, TensorBoard events."""
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.output_dir, "metrics.json")),
+            TensorboardXWriter(self.output_dir),
+        ]
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Continue from ``output_dir/last_checkpoint`` (iteration, optimizer, LR, RNG) when
+        ``resume`` and one exists; otherwise load ``train.init_weights`` (model only) if set."""
+        ckpt = self.checkpointer.resume_or_load(self.cfg.train.get("init_weights"), resume=resume)
+        if resume and "iteration" in ckpt:
+            self.start_iter = int(ckpt["iteration"]) + 1
+            if "rng" in ckpt:
+                set_rng_state(ckpt["rng"])
+            logger.info("Resuming at iteration %d of %d", self.start_iter, self.max_iter)
+
+    def test(self) -> Dict[str, Dict[str, float]]:
+        """COCO evaluation of the current model on the validation split."""
+        return D.evaluate(self.cfg, self.model, self.val_records, self.val_metadata,
+                          output_dir=os.path.join(self.output_dir, "inference"))
+
+    def train(self) -> Dict[str, Any]:  # type: ignore[override]
+        """Train ``start_iter .. solver.max_iter``, then visualise validation images.
+
+        Returns:
+            The final evaluation results (``{}`` if training was already complete).
+        """
+        if self.start_iter >= self.max_iter:
+            logger.info("Checkpoint is at the end of the schedule (iteration %d); evaluating",
+                        self.start_iter - 1)
+            results = self.test()
+        else:
+            self.data_loader = D.build_train_loader(self.cfg, self.train_records,
+                                                    start_iter=self.start_iter)
+            self._data_iter = None
+            super().train(self.start_iter, self.max_iter)
+            results = dict(self.eval_hook.latest_results or {}) if self.eval_hook else {}
+        n = int(self.cfg.train.get("num_vis_images", 0) or 0)
+        if n > 0:
+            visualize_predictions(self.cfg, self.model, self.val_records[:n], self.val_metadata,
+                                  os.path.join(self.output_dir, "vis"))
+        return results
+
+
+# Predictions below this score are left out of the PNGs: a low-threshold panel is unreadable.
+VIS_SCORE_THRESH = 0.5
+
+
+def visualize_predictions(cfg: DictConfig, model: torch.nn.Module, records: List[dict],
+                          metadata: Mapping[str, Any], out_dir: str,
+                          score_thresh: float = VIS_SCORE_THRESH) -> List[str]:
+    """Save ``<out_dir>/<image stem>.png``: ground truth | predictions, side by side.
+
+    Returns:
+        Paths of the written PNGs.
+    """
+    from segkit.data import read_image
+    from segkit.utils.visualizer import draw_gt_and_predictions, save_png
+
+    os.makedirs(out_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    paths = []
+    by_id = {r["image_id"]: r for r in records}
+    classes = list(metadata["thing_classes"])
+    try:
+        with torch.no_grad():
+            for batch in D.build_test_loader(cfg, records):
+                for inp, out in zip(batch, model(batch)):
+                    record = by_id[inp["image_id"]]
+                    canvas = draw_gt_and_predictions(
+                        read_image(record["file_name"]), record.get("annotations", []),
+                        out["instances"].to("cpu"), classes, score_thresh=score_thresh)
+                    stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+                    paths.append(save_png(canvas, os.path.join(out_dir, f"{stem}.png")))
+    finally:
+        model.train(was_training)
+    logger.info("Saved %d ground truth | prediction images to %s", len(paths), out_dir)
+    return paths

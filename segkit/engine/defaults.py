@@ -1,0 +1,247 @@
+"""Config -> objects: model, optimizer, LR schedule, datasets, loaders, evaluation.
+
+Each builder reads a few documented config keys and calls the plain-Python API of the
+component, so everything here can also be done by hand without Hydra (DESIGN.md, "Registry").
+The heavy packages (``segkit.modeling``, ``segkit.data``, ``segkit.evaluation``) are imported
+inside the builders so ``import segkit.engine`` stays light.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from .lr_scheduler import LRMultiplier
+from .lr_scheduler import build_lr_scheduler as _build_lr_scheduler_from_solver
+from .run_setup import default_setup  # noqa: F401  (re-exported: part of this module's API)
+
+__all__ = [
+    "build_datasets", "build_lr_scheduler", "build_model", "build_optimizer",
+    "build_test_loader", "build_train_loader", "checkpoint_meta", "default_setup",
+    "evaluate", "format_results_table", "iou_types", "save_results_json",
+]
+
+logger = logging.getLogger(__name__)
+Dataset = Tuple[List[dict], Dict[str, Any]]  # (records, metadata)
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    name = str(cfg.train.device)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; "
+                           "use train.device=cpu")
+    return device
+
+
+def _null_num_classes(node: Any, path: str) -> List[str]:
+    """Config paths of ``num_classes`` keys that are still null inside ``node``."""
+    if isinstance(node, Mapping):
+        found = [f"{path}.num_classes"] if "num_classes" in node and node["num_classes"] is None \
+            else []
+        for key, value in node.items():
+            found += _null_num_classes(value, f"{path}.{key}")
+        return found
+    return []
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """Build ``cfg.model`` from ``META_ARCHS`` and move it to ``cfg.train.device``.
+
+    Raises:
+        ValueError: a ``num_classes`` of the model is still null because
+            ``dataset.num_classes`` is (call :func:`build_datasets` first).
+    """
+    import segkit.modeling  # noqa: F401  (registers the components)
+    from segkit.registry import META_ARCHS, build
+
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    unset = _null_num_classes(node, "model")
+    if unset:
+        raise ValueError(f"{', '.join(unset)} is null (it follows dataset.num_classes, which "
+                         "build_datasets(cfg) fills from the dataset metadata); call "
+                         "build_datasets first or set dataset.num_classes")
+    model = build(node, META_ARCHS, path="model")
+    return model.to(_device(cfg))
+
+
+# Parameters of these layers are scale/shift of normalised activations; the Detectron recipes
+# give them their own weight decay (``solver.weight_decay_norm``, 0 by default) because decaying
+# them towards 0 fights the normalisation instead of regularising the model.
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum over the trainable parameters.
+
+    Keys read: ``solver.optimizer`` ("sgd"), ``base_lr``, ``momentum``, ``weight_decay``,
+    ``weight_decay_norm`` (for parameters of normalisation layers).
+    """
+    solver = cfg.solver
+    if str(solver.optimizer).lower() != "sgd":
+        raise ValueError(f"solver.optimizer must be 'sgd', got {solver.optimizer!r}")
+    regular, norm, seen = [], [], set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # frozen or shared
+                continue
+            seen.add(id(param))
+            (norm if isinstance(module, _NORM_TYPES) else regular).append(param)
+    groups = [{"params": regular, "weight_decay": float(solver.weight_decay)}]
+    if norm:
+        groups.append({"params": norm, "weight_decay": float(solver.weight_decay_norm)})
+    if not regular and not norm:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    return torch.optim.SGD(groups, lr=float(solver.base_lr), momentum=float(solver.momentum))
+
+
+def build_lr_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> LRMultiplier:
+    """Per-iteration LR scheduler from ``cfg.solver`` (warm-up + step or cosine)."""
+    solver = OmegaConf.to_container(cfg.solver, resolve=True)
+    return _build_lr_scheduler_from_solver(solver, optimizer)
+
+
+def build_datasets(cfg: DictConfig, splits: Sequence[str] = ("train", "val")
+                   ) -> Dict[str, Dataset]:
+    """Load ``cfg.dataset.<split>`` for each split and fill ``dataset.num_classes``.
+
+    Returns:
+        ``{split: (records, metadata)}``.
+
+    Raises:
+        ValueError: the splits disagree on the class list, or ``dataset.num_classes`` is set
+            and differs from the dataset's number of classes.
+    """
+    from segkit.data import get_dataset
+
+    out = {s: get_dataset(cfg.dataset[s], path=f"dataset.{s}") for s in splits}
+    classes = {s: list(meta["thing_classes"]) for s, (_, meta) in out.items()}
+    first = splits[0]
+    for s in splits[1:]:
+        if classes[s] != classes[first]:
+            raise ValueError(f"dataset.{s} has classes {classes[s]} but dataset.{first} has "
+                             f"{classes[first]}; both splits must use one class list")
+    n = len(classes[first])
+    if cfg.dataset.get("num_classes") is None:
+        with open_dict(cfg):
+            cfg.dataset.num_classes = n
+        logger.info("dataset.num_classes = %d (from %s)", n, out[first][1].get("name"))
+    elif int(cfg.dataset.num_classes) != n:
+        raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but dataset.{first} "
+                         f"has {n} classes {classes[first]}; set it to null to take it from "
+                         "the dataset")
+    return out
+
+
+def _use_masks(cfg: DictConfig) -> bool:
+    """Whether the model has a mask head (Mask R-CNN); box-only models skip mask decoding."""
+    return OmegaConf.select(cfg, "model.roi_heads.mask_head") is not None
+
+
+def build_train_loader(cfg: DictConfig, records: List[dict], start_iter: int = 0):
+    """Infinite training loader from ``dataloader.*`` (train sizes, flip, batch size, workers,
+    grouping, filter_empty) and ``train.seed``.
+
+    Args:
+        start_iter: batches to skip, so a resumed run continues the same sample stream.
+    """
+    from segkit.data import DatasetMapper
+    from segkit.data import build_train_loader as _loader
+
+    dl = cfg.dataloader
+    mapper = DatasetMapper(is_train=True, min_size=list(dl.min_size_train),
+                           max_size=int(dl.max_size_train), flip_prob=float(dl.random_flip),
+                           mask_format=str(dl.mask_format), use_masks=_use_masks(cfg))
+    return _loader(records, mapper, batch_size=int(dl.batch_size),
+                   num_workers=int(dl.num_workers),
+                   aspect_ratio_grouping=bool(dl.aspect_ratio_grouping),
+                   seed=int(cfg.train.seed), filter_empty=bool(dl.filter_empty),
+                   start_iter=int(start_iter))
+
+
+def build_test_loader(cfg: DictConfig, records: List[dict]):
+    """Inference loader over ``records`` (test sizes, no flip), one pass in order."""
+    from segkit.data import DatasetMapper
+    from segkit.data import build_test_loader as _loader
+
+    dl = cfg.dataloader
+    mapper = DatasetMapper(is_train=False, min_size=int(dl.min_size_test),
+                           max_size=int(dl.max_size_test), flip_prob=0.0,
+                           mask_format=str(dl.mask_format), use_masks=False)
+    return _loader(records, mapper, num_workers=int(dl.num_workers))
+
+
+def iou_types(cfg: DictConfig) -> List[str]:
+    """``evaluation.iou_types`` minus "segm" when the model has no mask head (Faster R-CNN)."""
+    types = [str(t) for t in cfg.evaluation.iou_types]
+    if "segm" in types and not _use_masks(cfg):
+        types.remove("segm")
+    return types
+
+
+def evaluate(cfg: DictConfig, model: nn.Module, records: List[dict], metadata: Mapping,
+             output_dir: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """COCO AP of ``model`` on ``records`` (the first ``evaluation.max_images`` when set).
+
+    Returns:
+        ``{"bbox": {"AP": ..., ...}, "segm": {...}}`` in percent.
+    """
+    from segkit.evaluation import COCOEvaluator, inference_on_dataset
+
+    max_images = cfg.evaluation.get("max_images")
+    if max_images is not None:
+        # Ground truth and predictions must cover the same images, so cut the records here.
+        records = records[: int(max_images)]
+    evaluator = COCOEvaluator(records, metadata, iou_types=iou_types(cfg), output_dir=output_dir)
+    return inference_on_dataset(model, build_test_loader(cfg, records), evaluator)
+
+
+def checkpoint_meta(cfg: DictConfig, classes: Sequence[str]) -> Dict[str, Any]:
+    """The ``meta`` stored in checkpoints: resolved config, class names, experiment name."""
+    from segkit.config import to_plain
+
+    return {"config": to_plain(cfg), "classes": list(classes),
+            "experiment": cfg.get("experiment")}
+
+
+_MAIN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def format_results_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """``{task: {metric: value}}`` as a readable table, one row per task (bbox, segm)."""
+    from tabulate import tabulate
+
+    rows = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, Mapping):
+            continue
+        rows.append([task] + [metrics.get(m, math.nan) for m in _MAIN_METRICS])
+    if not rows:
+        return "(no evaluation results)"
+    return tabulate(rows, headers=["task", *_MAIN_METRICS], tablefmt="github", floatfmt=".2f")
+
+
+def save_results_json(results: Mapping[str, Any], path: str, **extra: Any) -> str:
+    """Write results as strict JSON (NaN -> null), creating the folder."""
+    import json
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return x
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(clean({**extra, "results": results}), f, indent=2, sort_keys=True)
+    return path
+
+
+from .default_trainer import Trainer  # noqa: E402,F401  (re-exported; it uses the builders above)
