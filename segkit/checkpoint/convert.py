@@ -1,0 +1,126 @@
+"""Command line: convert another code base's checkpoint into a segkit checkpoint file.
+
+Usage::
+
+    python -m segkit.checkpoint.convert --from torchvision maskrcnn_resnet50_fpn_coco.pth \\
+        mask_rcnn_r50_fpn_torchvision.pth [--experiment NAME]
+
+The output is the segkit checkpoint format (``segkit.checkpoint.io``): ``{"model": state_dict,
+"meta": {"format": "segkit", "version": 1, "config": None, "classes": [...], "experiment":
+NAME, "iteration": -1}}``, loadable with ``torch.load(..., weights_only=True)``. Evaluate it
+with the experiment config it names, e.g. ``experiment=mask_rcnn_r50_fpn_torchvision
+train.init_weights=DST``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .io import save_checkpoint
+
+__all__ = ["CONVERTERS", "convert_file", "torchvision_coco_classes", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def torchvision_coco_classes() -> List[str]:
+    """torchvision's COCO category names without ``__background__`` (90 names, "N/A" gaps kept
+    so that list index c is segkit class c = COCO category id c + 1)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    names = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+    return [n for n in names if n != "__background__"]
+
+
+StateDict = Dict[str, torch.Tensor]
+# a converter: loaded file -> (segkit state dict, info with "experiment", class names)
+Converter = Callable[[Dict[str, Any]], Tuple[StateDict, Dict[str, Any], List[str]]]
+
+
+def _convert_torchvision(state: Dict[str, Any]) -> Tuple[StateDict, Dict[str, Any], List[str]]:
+    from .torchvision import convert_torchvision_detection
+
+    model, info = convert_torchvision_detection(state)
+    classes = torchvision_coco_classes()
+    if len(classes) != info["num_classes"]:
+        logger.warning("torchvision model has %d classes, not COCO's %d: class names are "
+                       "unknown and written as class_<i>", info["num_classes"], len(classes))
+        classes = [f"class_{i}" for i in range(info["num_classes"])]
+    return model, info, classes
+
+
+# --from value -> converter
+CONVERTERS: Dict[str, Converter] = {
+    "torchvision": _convert_torchvision,
+}
+
+
+def convert_file(source: str, src: str, dst: str,
+                 experiment: Optional[str] = None) -> Dict[str, Any]:
+    """Convert checkpoint file ``src`` from code base ``source`` into segkit file ``dst``.
+
+    Args:
+        source: key of :data:`CONVERTERS` (``"torchvision"``).
+        src: input file (a ``torch.save``'d state dict).
+        dst: output file, written atomically.
+        experiment: experiment config name stored in the metadata; default: the one the
+            converter infers (e.g. ``mask_rcnn_r50_fpn_torchvision``).
+
+    Returns:
+        The converter's info dict plus ``"classes"`` and ``"experiment"``.
+
+    Raises:
+        ValueError: unknown ``source``, unreadable ``src``, or a state dict the converter does
+            not support; the message names the file.
+    """
+    if source not in CONVERTERS:
+        raise ValueError(f"unknown --from {source!r}; supported: {', '.join(sorted(CONVERTERS))}")
+    if not os.path.isfile(src):
+        raise ValueError(f"checkpoint file '{src}' does not exist")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt/unsafe files
+        raise ValueError(f"cannot read '{src}' with torch.load(weights_only=True): "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"'{src}' holds a {type(state).__name__}, expected a state dict")
+    try:
+        model, info, classes = CONVERTERS[source](state)
+    except ValueError as e:
+        raise ValueError(f"cannot convert '{src}' from {source}: {e}") from e
+    name = experiment or info.get("experiment")
+    save_checkpoint(dst, model, meta={"config": None, "classes": classes, "experiment": name,
+                                      "source": {"from": source, "file": os.path.basename(src)}})
+    return {**info, "classes": classes, "experiment": name}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the process exit code (0 on success, 2 on bad input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m segkit.checkpoint.convert",
+        description="Convert a checkpoint from another code base into segkit's format.")
+    parser.add_argument("--from", dest="source", required=True,
+                        help="code base the checkpoint comes from: "
+                             + ", ".join(sorted(CONVERTERS)))
+    parser.add_argument("src", help="input checkpoint file")
+    parser.add_argument("dst", help="output segkit checkpoint file")
+    parser.add_argument("--experiment", default=None,
+                        help="experiment config name to record (default: inferred)")
+    args = parser.parse_args(argv)
+    try:
+        info = convert_file(args.source, args.src, args.dst, args.experiment)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: {info.get('arch', args.source)} with {len(info['classes'])} classes, "
+          f"experiment {info['experiment']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
