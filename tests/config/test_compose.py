@@ -101,3 +101,19 @@ def test_every_experiment_composes_and_builds(experiment):
     with torch.no_grad():
         out = model([{"image": torch.randint(0, 255, (3, h, w), dtype=torch.uint8)}])
     assert out[0]["instances"].image_size == (h, w)
+
+
+def test_unknown_component_and_key_fail_at_build_with_hints():
+    from segkit.engine.defaults import build_model
+    from segkit.registry import BuildError
+
+    cfg = compose(["model.backbone.bottom_up.name=resnt", "dataset.num_classes=3"])
+    with pytest.raises(BuildError) as e:
+        build_model(cfg)
+    assert "unknown backbone 'resnt'; did you mean 'resnet'?" in str(e.value)
+    cfg = compose(["+model.backbone.bottom_up.dpth=3", "dataset.num_classes=3"])
+    with pytest.raises(BuildError) as e:
+        build_model(cfg)
+    msg = str(e.value)
+    assert "unknown key 'dpth' at 'model.backbone.bottom_up' for backbone 'resnet'" in msg
+    assert "did you mean 'depth'?" in msg
