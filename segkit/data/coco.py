@@ -150,7 +150,8 @@ def _to_rle(seg: Any, height: int, width: int) -> dict:
 
 
 def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
-                   config_path: str = "") -> Tuple[List[dict], Dict[str, Any]]:
+                   config_path: str = "", label_map: str = "sorted"
+                   ) -> Tuple[List[dict], Dict[str, Any]]:
     """Read a COCO instances json into records and metadata.
 
     Args:
@@ -158,6 +159,10 @@ def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
         image_root: folder that the images' ``file_name`` entries are relative to.
         name: dataset name; defaults to the json file's stem.
         config_path: dotted config path of the dataset node, for error messages.
+        label_map: how category ids become contiguous class ids. ``"sorted"``: 0..K-1 over
+            the sorted category ids. ``"category_id"``: class = category id - 1, with "N/A"
+            names for the ids the file does not use; this is the labelling of models trained
+            with gaps in the id range, such as torchvision's 90-class COCO models.
 
     Returns:
         ``(records, metadata)``: one record per image in file order (see the module
@@ -180,8 +185,21 @@ def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
     cat_ids = sorted(c["id"] for c in data["categories"])
     if len(set(cat_ids)) != len(cat_ids):
         raise ValueError(f"{json_file}: duplicate category ids in 'categories'")
-    cat_map = {cid: i for i, cid in enumerate(cat_ids)}
-    thing_classes = [coco.cats[cid]["name"] for cid in cat_ids]
+    if label_map == "sorted":
+        cat_map = {cid: i for i, cid in enumerate(cat_ids)}
+        thing_classes = [coco.cats[cid]["name"] for cid in cat_ids]
+    elif label_map == "category_id":
+        if cat_ids and cat_ids[0] < 1:
+            raise ValueError(f"{json_file}: label_map 'category_id' needs category ids >= 1, "
+                             f"got {cat_ids[0]}")
+        cat_map = {cid: cid - 1 for cid in cat_ids}
+        top = cat_ids[-1] if cat_ids else 0
+        thing_classes = [coco.cats[i]["name"] if i in coco.cats else "N/A"
+                         for i in range(1, top + 1)]
+    else:
+        raise ValueError(f"unknown label_map {label_map!r} (config key "
+                         f"'{_key(config_path, 'label_map')}'); expected 'sorted' or "
+                         "'category_id'")
     if len(coco.imgs) != len(data["images"]):
         raise ValueError(f"{json_file}: duplicate image ids in 'images'")
     for ann in data["annotations"]:
@@ -207,19 +225,22 @@ def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
     metadata = {
         "name": name or os.path.splitext(os.path.basename(json_file))[0],
         "thing_classes": thing_classes,
-        "contiguous_to_category_id": {i: cid for cid, i in cat_map.items()},
+        "contiguous_to_category_id": (
+            {i: cid for cid, i in cat_map.items()} if label_map == "sorted"
+            else {i: i + 1 for i in range(len(thing_classes))}),
         "json_file": json_file, "image_root": image_root,
     }
     return records, metadata
 
 
 @DATASETS.register("coco_json")
-def coco_json(json: str, images: str, name: Optional[str] = None, config_path: str = ""):
+def coco_json(json: str, images: str, name: Optional[str] = None, config_path: str = "",
+              label_map: str = "sorted"):
     """DATASETS entry for any COCO-format dataset: see :func:`load_coco_json`.
 
     ``config_path`` is filled by ``get_dataset()`` at build time, not set in configs.
     """
-    return load_coco_json(json, images, name=name, config_path=config_path)
+    return load_coco_json(json, images, name=name, config_path=config_path, label_map=label_map)
 
 
 def datasets_root() -> str:
@@ -228,7 +249,7 @@ def datasets_root() -> str:
 
 
 @DATASETS.register("coco_2017")
-def coco_2017(split: str, config_path: str = ""):
+def coco_2017(split: str, config_path: str = "", label_map: str = "sorted"):
     """COCO 2017 ``train`` or ``val`` from ``$SEGKIT_DATASETS/coco`` (default ./datasets/coco)."""
     if split not in ("train", "val"):
         raise ValueError(f"coco_2017 split must be 'train' or 'val', got {split!r} "
@@ -244,4 +265,6 @@ def coco_2017(split: str, config_path: str = ""):
             f"$SEGKIT_DATASETS/coco/{split}2017/ (SEGKIT_DATASETS is "
             f"{os.environ.get('SEGKIT_DATASETS', 'unset, so ./datasets is used')}); download "
             f"COCO 2017 there or set SEGKIT_DATASETS to the folder that holds coco/")
-    return load_coco_json(json_file, image_root, name=f"coco_2017_{split}", config_path=config_path)
+    name = f"coco_2017_{split}" + ("" if label_map == "sorted" else f"_{label_map}")
+    return load_coco_json(json_file, image_root, name=name, config_path=config_path,
+                          label_map=label_map)

@@ -189,3 +189,16 @@ def test_degenerate_polygons_are_dropped(tmp_path, tiny_coco):
     ann1 = next(a for a in records[0]["annotations"] if a["id"] == 1)
     assert ann1["segmentation"] == [[10, 4, 30, 4, 30, 16]]
     assert records[2]["annotations"] == []
+
+
+def test_label_map_category_id_keeps_id_gaps(tiny_coco):
+    """label_map='category_id': class = category id - 1, gaps named N/A (torchvision's COCO
+    labelling), and the mapping back to category ids is the inverse."""
+    json_path, img_dir = tiny_coco
+    records, meta = _load(json_path, img_dir, label_map="category_id")
+    assert meta["thing_classes"] == ["N/A", "N/A", "three", "N/A", "N/A", "N/A", "seven"]
+    assert meta["contiguous_to_category_id"][2] == 3 and meta["contiguous_to_category_id"][6] == 7
+    used = {a["category_id"] for r in records for a in r["annotations"]}
+    assert used <= {2, 6}
+    with pytest.raises(ValueError, match="unknown label_map 'bogus'"):
+        load_coco_json(json_path, img_dir, label_map="bogus")
