@@ -1,6 +1,6 @@
 """Checkpoint files: atomic save, ``weights_only`` load, and a :class:`Checkpointer` for runs.
 
-File format (CONTRACT.md, "Checkpoint file format")::
+File format (README.md, "Conventions")::
 
     {"model": state_dict,
      "meta": {"format": "segkit", "version": 1, "config": dict | None, "classes": [str],

@@ -2,7 +2,7 @@
 
 torchvision and segkit build the same networks (FPN, papers.md section 5; Mask R-CNN, section
 7) with different parameter names and one different convention: torchvision's softmax puts the
-background class FIRST (index 0) while segkit puts it LAST (CONTRACT.md "Classes"). The
+background class FIRST (index 0) while segkit puts it LAST (README.md, "Conventions"). The
 converter renames every tensor, rotates the classifier rows so background moves from 0 to K,
 and drops the background's box-regression block and mask channel, which torchvision learns
 but never uses. torchvision's 91 COCO outputs therefore become segkit's ``num_classes = 90``

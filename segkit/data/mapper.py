@@ -1,6 +1,6 @@
 """Dataset record -> model input: decode the image, augment, build ground-truth ``Instances``.
 
-The output follows the model-input contract::
+The output is the model input of README.md, "Conventions"::
 
     {"image": uint8 Tensor (3, H', W') RGB, resized, "height": H, "width": W (original size),
      "file_name": str, "image_id": int, "instances": Instances (training only) with

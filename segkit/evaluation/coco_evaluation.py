@@ -35,7 +35,7 @@ class COCOEvaluator(DatasetEvaluator):
     """Box and/or mask AP on a COCO-style dataset, as pycocotools computes it.
 
     Args:
-        records: the dataset records being evaluated (contract format; contiguous category
+        records: the dataset records being evaluated (README.md "Conventions"; contiguous category
             ids). Used for ground truth when ``metadata["json_file"]`` is absent.
         metadata: dataset metadata (``thing_classes``, ``contiguous_to_category_id``,
             optional ``json_file``, ``name``).

@@ -136,7 +136,7 @@ def convert_to_coco_dict(records: Sequence[Mapping], metadata: Mapping) -> Dict[
     """Build a COCO ground-truth dict from dataset records, so any dataset can be evaluated.
 
     Args:
-        records: dataset records (contract format): ``image_id``, ``height``, ``width``,
+        records: dataset records (README.md, "Conventions"): ``image_id``, ``height``, ``width``,
             ``file_name``, ``annotations`` with ``bbox`` (XYWH by default), contiguous
             ``category_id``, ``segmentation`` (polygons or RLE), ``iscrowd``, ``area``.
         metadata: dataset metadata with ``thing_classes`` and optionally

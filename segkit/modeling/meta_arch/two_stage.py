@@ -1,7 +1,7 @@
 """Two-stage (R-CNN family) detector: backbone -> proposal generator -> ROI heads.
 
 Faster R-CNN with FPN (papers.md section 5) when the ROI heads have no mask head, Mask R-CNN
-(section 7) when they do. Model I/O follows CONTRACT.md ("Model input" / "Model output").
+(section 7) when they do. Model I/O: README.md, "Conventions".
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class TwoStageDetector(nn.Module):
         """Training: dict of scalar losses. Eval: :meth:`inference` with post-processing.
 
         Args:
-            batched_inputs: one dict per image (CONTRACT.md "Model input"); training needs
+            batched_inputs: one dict per image (README.md, "Conventions"); training needs
                 ``instances`` with ``gt_boxes``, ``gt_classes`` (and ``gt_masks`` for masks).
 
         Returns:
