@@ -33,6 +33,16 @@ def hydra_app(task: Callable[[DictConfig], object], config_name: str = "config")
         if merged != overrides:
             kept = [a for a in args if a not in overrides or a in merged]
             sys.argv = [sys.argv[0]] + kept + [o for o in merged if o not in overrides]
-        return main()
+        try:
+            return main()
+        except SystemExit as e:
+            # Hydra has printed its error; add "did you mean" for a mistyped key
+            if e.code not in (0, None):
+                from .compose import _override_hint
+
+                hint = _override_hint(overrides, config_name)
+                if hint:
+                    print(hint, file=sys.stderr)
+            raise
 
     return entry
