@@ -1,5 +1,6 @@
 """`pip install .` (not only -e) must ship the configs and the console scripts."""
 import configparser
+import os
 import subprocess
 import sys
 import zipfile
@@ -27,6 +28,19 @@ def test_wheel_ships_configs_and_entry_points(tmp_path):
     eps = configparser.ConfigParser()
     eps.read_string(zipfile.ZipFile(wheel).read(ep_name).decode())
     assert set(eps["console_scripts"]) == {"segkit-train", "segkit-eval", "segkit-demo"}
+
+    # installed from the wheel (not editable), away from the sources, the configs compose
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, text=True)
+    probe = ("import segkit; from segkit.config import compose; "
+             "cfg = compose(['experiment=mask_rcnn_r50_fpn_1x_coco']); "
+             "print(segkit.__file__); print(cfg.model.backbone.bottom_up.depth)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(target)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, depth = out.stdout.split()
+    assert Path(where).is_relative_to(target) and depth == "50"
 
 
 def test_ci_runs_the_readme_test_command():
