@@ -5,3 +5,15 @@ their components when imported, and ``segkit.config.compose`` / ``build_model`` 
 they need.
 """
 __version__ = "0.1.0"
+
+
+def collect_env() -> dict:
+    """Which implementation runs each op of ``segkit.layers`` (``{"ops backend": ...}``).
+
+    The full environment report (versions, devices, this backend table) is
+    :func:`segkit.utils.env.collect_env_info`, logged at the start of every run.
+    """
+    from segkit.layers.ops import get_backend
+
+    backends = get_backend()
+    return {"ops backend": ", ".join(f"{op}={name}" for op, name in sorted(backends.items()))}

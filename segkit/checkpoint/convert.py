@@ -8,8 +8,8 @@ Usage::
 The output is the segkit checkpoint format (``segkit.checkpoint.io``): ``{"model": state_dict,
 "meta": {"format": "segkit", "version": 1, "config": None, "classes": [...], "experiment":
 NAME, "iteration": -1}}``, loadable with ``torch.load(..., weights_only=True)``. Evaluate it
-with the experiment config it names, e.g. ``experiment=mask_rcnn_r50_fpn_torchvision
-train.init_weights=DST``.
+with ``segkit-eval --checkpoint DST``: the model is built from the experiment config the file
+names (``mask_rcnn_r50_fpn_torchvision``), or from an ``experiment=...`` override.
 """
 from __future__ import annotations
 

@@ -122,8 +122,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError/... here
         size = os.path.getsize(path)
+        reason = str(e).strip().rstrip(".")
         raise CheckpointError(
-            f"cannot read checkpoint '{path}' ({size} bytes): {type(e).__name__}: {e}. "
+            f"cannot read checkpoint '{path}' ({size} bytes): {type(e).__name__}: {reason}. "
             "The file is truncated or corrupt (e.g. an interrupted download or copy), or it "
             "holds Python objects that torch.load(weights_only=True) refuses."
         ) from e
@@ -214,15 +215,22 @@ class Checkpointer:
         optimizer: optional optimizer (saved as ``"optimizer"``).
         scheduler: optional LR scheduler (saved as ``"scheduler"``).
         meta: ``config`` (plain dict), ``classes``, ``experiment`` stored in every file.
+        **checkpointables: further objects with ``state_dict()`` / ``load_state_dict()``
+            saved under their keyword (e.g. ``grad_scaler=``); None values are ignored.
     """
 
     def __init__(self, model: nn.Module, save_dir: str, optimizer: Any = None,
-                 scheduler: Any = None, meta: Optional[Mapping[str, Any]] = None):
+                 scheduler: Any = None, meta: Optional[Mapping[str, Any]] = None,
+                 **checkpointables: Any):
         self.model = model
         self.save_dir = save_dir
         self.meta = dict(meta or {})
-        self.checkpointables = {k: v for k, v in (("optimizer", optimizer),
-                                                  ("scheduler", scheduler)) if v is not None}
+        named = {"optimizer": optimizer, "scheduler": scheduler, **checkpointables}
+        reserved = {"model", "meta", "iteration"} & set(checkpointables)
+        if reserved:
+            raise ValueError(f"checkpointable names {sorted(reserved)} are reserved by the "
+                             "checkpoint format")
+        self.checkpointables = {k: v for k, v in named.items() if v is not None}
 
     def save(self, name: str, iteration: int, **extra: Any) -> str:
         """Write ``save_dir/<name>.pth`` atomically and record it in ``last_checkpoint``."""
@@ -261,8 +269,8 @@ class Checkpointer:
 
         Args:
             path: checkpoint file.
-            checkpointables: which of ``optimizer`` / ``scheduler`` to restore; None restores
-                every one present in the file, ``[]`` only the model.
+            checkpointables: which of ``optimizer`` / ``scheduler`` / ... to restore; None
+                restores every one present in the file, ``[]`` only the model.
 
         Returns:
             The rest of the checkpoint (``iteration``, ``meta``, extras).

@@ -112,7 +112,8 @@ def _override_hint(overrides: List[str], config_name: str) -> Optional[str]:
         GlobalHydra.instance().clear()
     for o in overrides:
         key = o.split("=", 1)[0]
-        if "=" not in o or key.startswith(("+", "~")) or "/" in key or key == "experiment":
+        if ("=" not in o or key.startswith(("+", "~", "hydra.")) or "/" in key
+                or key == "experiment"):
             continue
         parts = key.split(".")
         node: Any = base

@@ -5,8 +5,9 @@
 
 ``segkit-eval checkpoint=PATH [overrides]`` (or ``--checkpoint PATH``) evaluates a checkpoint.
 The config comes from the checkpoint's ``meta.config`` when it has one (a segkit training run),
-with the overrides applied on top; otherwise (converted checkpoints, or when an
-``experiment=...`` override is given) it is composed from the config tree.
+with the overrides applied on top; otherwise (converted checkpoints) it is composed from the
+config tree for the experiment the checkpoint names, and an ``experiment=...`` override always
+recomposes from the tree (:func:`checkpoint_config`, shared with ``segkit-demo``).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["eval_config", "eval_main", "run_eval", "run_train", "train_main"]
+__all__ = ["checkpoint_config", "eval_config", "eval_main", "run_eval", "run_train",
+           "train_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,30 @@ def eval_config(meta_config: Optional[dict], overrides: Sequence[str]) -> DictCo
     return cfg
 
 
+def checkpoint_config(meta: Mapping[str, Any], overrides: Sequence[str],
+                      checkpoint: str = "checkpoint") -> DictConfig:
+    """The config that rebuilds a checkpoint's model: :func:`eval_config` of its stored config,
+    or, for a checkpoint without one (converted weights), of the experiment it names.
+
+    Args:
+        meta: the checkpoint's ``meta`` (``config``, ``experiment``).
+        overrides: Hydra overrides; an ``experiment=...`` one recomposes from the tree.
+        checkpoint: the file, named in error messages.
+
+    Raises:
+        ValueError: neither a stored config, an experiment name nor an ``experiment=``
+            override; or a bad override (the message names it).
+    """
+    overrides = list(overrides)
+    names_experiment = any(o.lstrip("+").split("=", 1)[0] == "experiment" for o in overrides)
+    if meta.get("config") is None and not names_experiment:
+        if not meta.get("experiment"):
+            raise ValueError(f"checkpoint '{checkpoint}' stores neither a config nor an "
+                             "experiment name; name one with experiment=<name>")
+        overrides.insert(0, f"experiment={meta['experiment']}")
+    return eval_config(meta.get("config"), overrides)
+
+
 def _parse_eval_args(argv: Optional[Sequence[str]]) -> Tuple[str, List[str]]:
     parser = argparse.ArgumentParser(
         prog="segkit-eval", description="COCO evaluation of a segkit checkpoint. Usage: "
@@ -123,7 +149,7 @@ def run_eval(checkpoint: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
 
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.get("meta") or {}
-    cfg = eval_config(meta.get("config"), overrides)
+    cfg = checkpoint_config(meta, overrides, checkpoint)
     if not any(o.lstrip("+").startswith("train.output_dir=") for o in overrides):
         stem = os.path.splitext(os.path.basename(checkpoint))[0]
         with open_dict(cfg):
@@ -150,7 +176,19 @@ def run_eval(checkpoint: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     return results
 
 
-def eval_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Entry point of ``segkit-eval``."""
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``segkit-eval``; returns the exit code (0 done, 2 unusable checkpoint,
+    config or dataset, reported in one line on stderr). :func:`run_eval` returns the results.
+    """
+    from hydra.errors import HydraException
+
+    from segkit.checkpoint import CheckpointError
+
     checkpoint, overrides = _parse_eval_args(argv)
-    return run_eval(checkpoint, overrides)
+    try:
+        run_eval(checkpoint, overrides)
+    except (CheckpointError, HydraException, ValueError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # no repr quotes
+        print(f"segkit-eval: error: {message}", file=sys.stderr)
+        return 2
+    return 0

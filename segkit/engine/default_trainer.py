@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from segkit.checkpoint import Checkpointer
+from segkit.checkpoint.io import LAST_CHECKPOINT
 from segkit.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from . import defaults as D
@@ -54,9 +55,12 @@ class Trainer(SimpleTrainer):
                          amp=bool(cfg.train.get("amp", False)))
         self.scheduler = D.build_lr_scheduler(cfg, optimizer)
         self.output_dir = str(cfg.train.output_dir)
+        # the GradScaler's loss scale is part of the run: a resumed AMP run must not restart
+        # from the initial scale (None when AMP is off or on CPU; then it is not saved)
         self.checkpointer = Checkpointer(
             model, self.output_dir, optimizer=optimizer, scheduler=self.scheduler,
-            meta=D.checkpoint_meta(cfg, self.train_metadata["thing_classes"]))
+            meta=D.checkpoint_meta(cfg, self.train_metadata["thing_classes"]),
+            grad_scaler=self._scaler)
         self.start_iter = 0
         self.max_iter = int(cfg.solver.max_iter)
         self.eval_hook: Optional[EvalHook] = None
@@ -85,6 +89,12 @@ class Trainer(SimpleTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         """Continue from ``output_dir/last_checkpoint`` (iteration, optimizer, LR, RNG) when
         ``resume`` and one exists; otherwise load ``train.init_weights`` (model only) if set."""
+        if resume and not self.checkpointer.has_checkpoint():
+            logger.warning(
+                "train.resume is true but %s has no '%s' naming a checkpoint: training starts "
+                "at iteration 0. To continue a run, point at its folder "
+                "(segkit-train ... train.resume=true hydra.run.dir=<its folder>).",
+                self.output_dir, LAST_CHECKPOINT)
         ckpt = self.checkpointer.resume_or_load(self.cfg.train.get("init_weights"), resume=resume)
         if resume and "iteration" in ckpt:
             self.start_iter = int(ckpt["iteration"]) + 1
@@ -101,7 +111,8 @@ class Trainer(SimpleTrainer):
         """Train ``start_iter .. solver.max_iter``, then visualise validation images.
 
         Returns:
-            The final evaluation results (``{}`` if training was already complete).
+            The final evaluation results. When the run was resumed from its final checkpoint
+            (nothing left to train), only the evaluation runs.
         """
         if self.start_iter >= self.max_iter:
             logger.info("Checkpoint is at the end of the schedule (iteration %d); evaluating",
@@ -111,13 +122,31 @@ class Trainer(SimpleTrainer):
             self.data_loader = D.build_train_loader(self.cfg, self.train_records,
                                                     start_iter=self.start_iter)
             self._data_iter = None
-            super().train(self.start_iter, self.max_iter)
+            try:
+                super().train(self.start_iter, self.max_iter)
+            except BaseException:
+                self._log_where_to_resume()
+                raise
             results = dict(self.eval_hook.latest_results or {}) if self.eval_hook else {}
         n = int(self.cfg.train.get("num_vis_images", 0) or 0)
         if n > 0:
             visualize_predictions(self.cfg, self.model, self.val_records[:n], self.val_metadata,
                                   os.path.join(self.output_dir, "vis"))
         return results
+
+    def _log_where_to_resume(self) -> None:
+        """After a failed or interrupted run: which checkpoint is the last good one."""
+        if self.completed:  # every iteration ran and model_final.pth is saved; a later step failed
+            return
+        last = self.checkpointer.get_checkpoint_file()
+        if last is None:
+            logger.error("No checkpoint was saved before iteration %d (train.checkpoint_period="
+                         "%s)", self.iter, self.cfg.train.checkpoint_period)
+            return
+        logger.error("Training stopped at iteration %d, so model_final.pth was not written. "
+                     "The last checkpoint is %s; train.resume=true continues from it in the "
+                     "same folder (segkit-train ... train.resume=true hydra.run.dir=%s)",
+                     self.iter, last, self.output_dir)
 
 
 # Predictions below this score are left out of the PNGs: a low-threshold panel is unreadable.

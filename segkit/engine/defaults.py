@@ -155,9 +155,7 @@ def build_train_loader(cfg: DictConfig, records: List[dict], start_iter: int = 0
     from segkit.data import build_train_loader as _loader
 
     dl = cfg.dataloader
-    mapper = DatasetMapper(is_train=True, min_size=list(dl.min_size_train),
-                           max_size=int(dl.max_size_train), flip_prob=float(dl.random_flip),
-                           mask_format=str(dl.mask_format), use_masks=_use_masks(cfg))
+    mapper = DatasetMapper.from_config(dl, is_train=True, use_masks=_use_masks(cfg))
     return _loader(records, mapper, batch_size=int(dl.batch_size),
                    num_workers=int(dl.num_workers),
                    aspect_ratio_grouping=bool(dl.aspect_ratio_grouping),
@@ -170,11 +168,8 @@ def build_test_loader(cfg: DictConfig, records: List[dict]):
     from segkit.data import DatasetMapper
     from segkit.data import build_test_loader as _loader
 
-    dl = cfg.dataloader
-    mapper = DatasetMapper(is_train=False, min_size=int(dl.min_size_test),
-                           max_size=int(dl.max_size_test), flip_prob=0.0,
-                           mask_format=str(dl.mask_format), use_masks=False)
-    return _loader(records, mapper, num_workers=int(dl.num_workers))
+    mapper = DatasetMapper.from_config(cfg.dataloader, is_train=False, use_masks=False)
+    return _loader(records, mapper, num_workers=int(cfg.dataloader.num_workers))
 
 
 def iou_types(cfg: DictConfig) -> List[str]:

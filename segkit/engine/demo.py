@@ -74,30 +74,22 @@ def load_model(checkpoint: str, device: str, overrides: Sequence[str] = ()) -> T
     Raises:
         DemoError: missing/unreadable checkpoint or no usable config.
     """
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
 
     from segkit.checkpoint import CheckpointError, load_checkpoint, load_state_dict_report
-    from segkit.engine.cli import eval_config
+    from segkit.engine.cli import checkpoint_config
     from segkit.engine.defaults import build_model
 
-    if not os.path.isfile(checkpoint):
-        raise DemoError(f"checkpoint file {checkpoint!r} does not exist")
     try:
         ckpt = load_checkpoint(checkpoint)
-    except CheckpointError as e:
+    except CheckpointError as e:  # missing, truncated, not weights_only-safe: the message says
         raise DemoError(str(e)) from e
     meta = ckpt.get("meta") or {}
-    overrides = list(overrides)
-    if meta.get("config") is None:
-        if not meta.get("experiment") and not any(o.startswith("experiment=") for o in overrides):
-            raise DemoError(f"checkpoint {checkpoint!r} stores no config and no experiment "
-                            "name; pass --config-override experiment=<name>")
-        if meta.get("experiment") and not any(o.startswith("experiment=") for o in overrides):
-            overrides.insert(0, f"experiment={meta['experiment']}")
     try:
-        cfg = eval_config(meta.get("config"), overrides)
-    except ValueError as e:  # unknown key / bad override: the message names it
-        raise DemoError(f"config of {checkpoint!r}: {e}") from e
+        cfg = checkpoint_config(meta, overrides, checkpoint)
+    except (ValueError, HydraException) as e:  # bad override, no config: the message says
+        raise DemoError(f"config of {checkpoint!r} (--config-override): {e}") from e
     classes = [str(c) for c in meta.get("classes") or []]
     with open_dict(cfg):
         cfg.train.device = device
@@ -153,7 +145,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from segkit.evaluation import instances_to_coco_json
     from segkit.utils.visualizer import draw_instances, save_png
 
-    if not os.path.isfile(args.checkpoint):
+    if not os.path.isfile(args.checkpoint):  # before listing the input: the likelier mistake
         raise DemoError(f"checkpoint file {args.checkpoint!r} does not exist")
     images, skipped = list_images(args.input)
     if skipped:

@@ -173,8 +173,9 @@ class EvalHook(HookBase):
 
 @HOOKS.register("periodic_writer")
 class PeriodicWriter(HookBase):
-    """Calls every writer's ``write()`` every ``period`` iterations, at the last iteration and
-    at the end of training (also after a failure, so the last metrics before it are kept).
+    """Calls every writer's ``after_step()`` after each iteration, and ``write()`` every
+    ``period`` iterations, at the last iteration and at the end of training (also after a
+    failure, so the last metrics before it are kept).
 
     Args:
         writers: :class:`segkit.utils.events.EventWriter` objects.
@@ -187,6 +188,8 @@ class PeriodicWriter(HookBase):
 
     def after_step(self) -> None:
         it = self.trainer.iter
+        for w in self.writers:
+            w.after_step()
         if (it + 1) % self.period == 0 or it == self.trainer.max_iter - 1:
             for w in self.writers:
                 w.write()

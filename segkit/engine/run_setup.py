@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import sys
-from typing import Dict
+from typing import List
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from segkit.utils.env import collect_env_info
 
 from .rng import seed_all
 
+# collect_env_info lives in segkit.utils.env (DESIGN.md layout) and stays importable here
 __all__ = ["collect_env_info", "default_setup", "setup_logging"]
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,9 @@ _FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 
 def setup_logging(output_dir: str, name: str = "segkit") -> logging.Logger:
     """Log ``name`` at INFO to ``output_dir/log.txt`` and, unless a console handler already
-    exists on the root logger (Hydra installs one), to stdout.
+    exists on the root logger (Hydra installs one), to stdout. When a root file handler
+    already writes ``output_dir/log.txt`` (Hydra's job log pointed there), it is not opened a
+    second time.
 
     Calling it again (a second run in the same process) replaces the handlers it added before
     instead of stacking them, so lines are not duplicated.
@@ -33,9 +36,14 @@ def setup_logging(output_dir: str, name: str = "segkit") -> logging.Logger:
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter(_FORMAT, datefmt="%m/%d %H:%M:%S")
-    handlers = [logging.FileHandler(os.path.join(output_dir, "log.txt"))]
+    log_file = os.path.abspath(os.path.join(output_dir, "log.txt"))
+    root = logging.getLogger().handlers
+    root_files = {os.path.abspath(h.baseFilename) for h in root
+                  if isinstance(h, logging.FileHandler)}
+    handlers: List[logging.Handler] = [] if log_file in root_files else [
+        logging.FileHandler(log_file)]
     root_console = any(isinstance(h, logging.StreamHandler) and not isinstance(
-        h, logging.FileHandler) for h in logging.getLogger().handlers)
+        h, logging.FileHandler) for h in root)
     if not root_console:
         handlers.append(logging.StreamHandler(sys.stdout))
     for h in handlers:
@@ -45,38 +53,13 @@ def setup_logging(output_dir: str, name: str = "segkit") -> logging.Logger:
     return log
 
 
-def collect_env_info() -> Dict[str, str]:
-    """Versions and devices that matter for reproducing a result."""
-    import torchvision
-
-    import segkit
-
-    info = {
-        "python": sys.version.split()[0], "platform": platform.platform(),
-        "segkit": segkit.__version__, "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "cpu threads": str(torch.get_num_threads()),
-        "cuda available": str(torch.cuda.is_available()),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = str(torch.version.cuda)
-    collect = getattr(segkit, "collect_env", None)  # compiled-ops backend report, when present
-    if callable(collect):
-        try:
-            extra = collect()
-            if isinstance(extra, dict):
-                info.update({str(k): str(v) for k, v in extra.items()})
-        except Exception as e:  # an env report must never stop a run
-            info["collect_env error"] = repr(e)
-    return info
-
-
 def default_setup(cfg: DictConfig) -> str:
     """Prepare a run from its config.
 
     Creates ``train.output_dir`` (resolved: inside a Hydra run it is Hydra's run folder),
-    sets up logging, seeds every RNG with ``train.seed`` (``train.deterministic`` also asks for
-    deterministic kernels), logs the environment and writes the fully resolved
+    sets up logging, seeds every RNG with ``train.seed`` (null or negative: a random seed,
+    written back into the config so the run can be repeated; ``train.deterministic`` also asks
+    for deterministic kernels), logs the environment and writes the fully resolved
     ``config.yaml`` there.
 
     Returns:
@@ -93,6 +76,9 @@ def default_setup(cfg: DictConfig) -> str:
     if seed is None or int(seed) < 0:
         seed = int.from_bytes(os.urandom(4), "little") >> 1
         logger.info("train.seed not set: using random seed %d", seed)
+        with open_dict(cfg):
+            # the train loader seeds its order from it, and config.yaml / checkpoints record it
+            cfg.train.seed = seed
     seed_all(int(seed), bool(cfg.train.get("deterministic", False)))
     env = collect_env_info()
     logger.info("Environment:\n%s", "\n".join(f"  {k}: {v}" for k, v in env.items()))

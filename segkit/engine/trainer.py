@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -152,9 +152,10 @@ class SimpleTrainer(TrainerBase):
                 raise ValueError("the training data loader yields no batches") from None
 
     def run_step(self) -> None:
-        """One iteration. The NaN guard runs before backward and the optimizer step, so a
-        non-finite loss never reaches the parameters (or, through them, a later checkpoint).
-        BatchNorm running statistics are updated by the forward itself and are not rolled back.
+        """One iteration. The NaN guard checks the losses before backward and the gradient
+        norm before the optimizer step, so a non-finite value never reaches the parameters (or,
+        through them, a later checkpoint). BatchNorm running statistics are updated by the
+        forward itself and are not rolled back.
         """
         if not self.model.training:
             raise RuntimeError("SimpleTrainer.run_step: the model is in eval mode; call "
@@ -165,13 +166,17 @@ class SimpleTrainer(TrainerBase):
 
         autocast = (torch.autocast(self._device_type) if self.amp else contextlib.nullcontext())
         with autocast:
-            loss_dict = self.model(data)
+            try:
+                loss_dict = self.model(data)
+            except FloatingPointError as e:  # a model's own finiteness check (diverged boxes)
+                raise FloatingPointError(f"at iteration {self.iter}: {e}. {_NAN_ADVICE}") from e
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
         if not isinstance(loss_dict, Mapping) or not loss_dict:
             raise TypeError(f"in training mode the model must return a non-empty dict of "
                             f"losses, got {type(loss_dict).__name__}")
-        check_losses_finite(loss_dict, self.iter)
+        values = _loss_values(loss_dict)
+        check_losses_finite(values, self.iter)
         losses = sum(loss_dict.values())
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,7 +186,7 @@ class SimpleTrainer(TrainerBase):
         else:
             losses.backward()
         grad_norm = self._clip_gradients()
-        self._write_metrics(loss_dict, data_time, grad_norm)
+        self._write_metrics(values, data_time, grad_norm)
         if self._scaler is not None:
             self._scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
             self._scaler.update()
@@ -189,19 +194,28 @@ class SimpleTrainer(TrainerBase):
             self.optimizer.step()
 
     def _clip_gradients(self) -> Optional[float]:
-        if self.clip_grad_norm is None:
+        """The global L2 norm of the gradients (clipped to ``clip_grad_norm`` when set).
+
+        A non-finite norm stops training before the step, clipping or not: finite losses can
+        still give NaN/inf gradients, which would reach the weights. Under a GradScaler such
+        steps are expected and skipped by the scaler itself.
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"]
+                  if p.grad is not None]
+        if not params:
             return None
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm)))
+        if self.clip_grad_norm is None:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm)))
         if not math.isfinite(norm) and self._scaler is None:
             raise FloatingPointError(
                 f"gradient norm became {norm} at iteration {self.iter} although every loss was "
-                "finite; the optimizer step was skipped, weights are unchanged")
+                f"finite. {_NAN_ADVICE}")
         return norm
 
-    def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float,
+    def _write_metrics(self, values: Mapping[str, float], data_time: float,
                        grad_norm: Optional[float]) -> None:
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
         storage = self.storage
         if storage is None:  # run_step called outside train(): nothing to record into
             return
@@ -213,10 +227,29 @@ class SimpleTrainer(TrainerBase):
             storage.put_scalar("grad_norm", grad_norm)
 
 
-def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
+# Why the weights and checkpoints are still good after a NaN stop, and what usually helps.
+_NAN_ADVICE = ("The optimizer step was skipped, so the weights are those after the previous "
+               "iteration and saved checkpoints are untouched. Try a lower solver.base_lr, a "
+               "longer solver.warmup_iters or solver.clip_grad_norm.")
+
+
+def _loss_values(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """The scalar losses as floats, read from the device in one synchronisation."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
+    return dict(zip(loss_dict.keys(), stacked.tolist()))
+
+
+def check_losses_finite(loss_dict: Mapping[str, Union[torch.Tensor, float]],
+                        iteration: int) -> None:
     """Raise ``FloatingPointError`` naming every non-finite loss term, its value and the
-    iteration (the usual causes are a too-high LR or bad boxes; say so)."""
-    values: Dict[str, float] = {k: float(v.detach()) for k, v in loss_dict.items()}
+    iteration (the usual causes are a too-high LR or bad boxes; say so).
+
+    Args:
+        loss_dict: scalar losses, as tensors or floats.
+        iteration: named in the message.
+    """
+    values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+              for k, v in loss_dict.items()}
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if not bad:
         return
@@ -224,7 +257,4 @@ def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -
     raise FloatingPointError(
         f"non-finite loss at iteration {iteration}: "
         + ", ".join(f"{k}={v}" for k, v in bad.items())
-        + f" (finite terms: {ok}). The optimizer step was skipped, so the weights are those "
-        "after the previous iteration and saved checkpoints are untouched. Try a lower "
-        "solver.base_lr, a longer solver.warmup_iters or solver.clip_grad_norm."
-    )
+        + f" (finite terms: {ok}). {_NAN_ADVICE}")

@@ -131,9 +131,8 @@ class COCOEvaluator(DatasetEvaluator):
         names = stat_names(self.max_dets)
         classes = list(self.metadata.get("thing_classes") or [])
         if not results:
-            logger.warning("no predictions at all for %r on %d images: reporting zeros",
-                           iou_type, len(img_ids))
-            return {**{n: 0.0 for n in names}, **{f"AP-{c}": 0.0 for c in classes}}
+            logger.warning("no predictions at all for %r on %d images: AP and AR are 0 "
+                           "(NaN where there is no ground truth)", iou_type, len(img_ids))
         coco_eval, stats = run_coco_eval(self.coco_gt, results, iou_type, img_ids, self.max_dets)
         metrics = {n: (v * 100.0 if v >= 0 else math.nan) for n, v in stats.items()}
         metrics.update(self._per_class_ap(coco_eval, classes))

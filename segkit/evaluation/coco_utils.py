@@ -209,6 +209,16 @@ def _summary(coco_eval: COCOeval, max_dets: Sequence[int]) -> Dict[str, float]:
     return dict(zip(stat_names(max_dets), values))
 
 
+def _no_detections(coco_gt: COCO) -> COCO:
+    """An empty detection set for ``coco_gt`` (``loadRes`` cannot take an empty list)."""
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                       "categories": list(coco_gt.dataset.get("categories", [])),
+                       "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
 def run_coco_eval(
     coco_gt: COCO, results: List[Dict], iou_type: str, img_ids: Optional[Sequence[int]] = None,
     max_dets: Sequence[int] = (1, 10, 100),
@@ -217,8 +227,8 @@ def run_coco_eval(
 
     Args:
         coco_gt: ground truth.
-        results: COCO result dicts (``bbox`` XYWH for "bbox", RLE ``segmentation`` for "segm");
-            must be non-empty.
+        results: COCO result dicts (``bbox`` XYWH for "bbox", RLE ``segmentation`` for "segm").
+            May be empty: every stat with ground truth is then 0, the others -1.
         iou_type: "bbox" or "segm".
         img_ids: images to evaluate (default: every ground-truth image).
         max_dets: the three per-image detection limits (ascending).
@@ -243,7 +253,7 @@ def run_coco_eval(
     drop = "bbox" if iou_type == "segm" else None
     results = [{k: v for k, v in r.items() if k != drop} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = coco_gt.loadRes(results) if results else _no_detections(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
         coco_eval.params.maxDets = sorted(int(m) for m in max_dets)
         if img_ids is not None:

@@ -8,7 +8,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from segkit.utils.progress import ProgressBar
 
 __all__ = ["DatasetEvaluator", "DatasetEvaluators", "inference_on_dataset", "gather_to_main"]
 
@@ -114,10 +115,8 @@ def inference_on_dataset(
     compute_time, warm_compute = 0.0, 0.0
     start = time.perf_counter()
     try:
-        with torch.no_grad():
-            bar = tqdm(data_loader, total=total, desc="inference", unit="batch",
-                       dynamic_ncols=True, leave=False)
-            for batch in bar:
+        with torch.no_grad(), ProgressBar(total, desc="inference", unit="batch") as bar:
+            for batch in bar.wrap(data_loader):
                 if max_images is not None:
                     batch = list(batch)[: max_images - num_images]
                 t0 = time.perf_counter()
@@ -133,7 +132,6 @@ def inference_on_dataset(
                 num_images += len(batch)
                 if max_images is not None and num_images >= max_images:
                     break
-            bar.close()
     finally:
         if was_training is not None:
             model.train(was_training)

@@ -8,17 +8,19 @@ values and send them to the console (:class:`CommonMetricPrinter`), a JSON-lines
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import math
 import os
 import statistics
-import sys
 import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import torch
+
+from .progress import ProgressBar, stderr_is_terminal
 
 __all__ = [
     "CommonMetricPrinter", "EventStorage", "EventWriter", "HistoryBuffer", "JSONWriter",
@@ -62,7 +64,8 @@ class HistoryBuffer:
         return self._data[-1][0]
 
     def _window(self, window: int) -> List[float]:
-        return [v for v, _ in list(self._data)[-window:]]
+        """The last ``window`` values, oldest first; O(window), not O(history)."""
+        return [v for v, _ in itertools.islice(reversed(self._data), window)][::-1]
 
     def median(self, window: int) -> float:
         """Median of the last ``window`` values: robust to the odd slow/large iteration."""
@@ -152,23 +155,34 @@ class EventWriter:
     def write(self) -> None:
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called after every iteration (``write`` only every few): cheap per-step work such
+        as advancing a progress bar."""
+
     def close(self) -> None:
         pass
 
 
 class _NewValues:
-    """Tracks which iteration each scalar was last written at, so nothing is written twice."""
+    """Tracks which iteration each scalar was last written at, so nothing is written twice.
 
-    def __init__(self) -> None:
+    Args:
+        window: median window for scalars put with a smoothing hint.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._window = window
         self._last: Dict[str, int] = {}
 
-    def take(self, window: int) -> Dict[int, Dict[str, float]]:
+    def take(self) -> List[Tuple[int, Dict[str, float]]]:
+        """``[(iteration, {name: value})]`` of the values not written yet, oldest first."""
         by_iter: Dict[int, Dict[str, float]] = {}
-        for name, (value, it) in get_event_storage().latest_with_smoothing_hint(window).items():
+        for name, (value, it) in get_event_storage().latest_with_smoothing_hint(
+                self._window).items():
             if it > self._last.get(name, -1):
                 by_iter.setdefault(it, {})[name] = value
                 self._last[name] = it
-        return by_iter
+        return sorted(by_iter.items())
 
 
 class JSONWriter(EventWriter):
@@ -183,11 +197,10 @@ class JSONWriter(EventWriter):
     def __init__(self, json_file: str, window_size: int = 20):
         os.makedirs(os.path.dirname(os.path.abspath(json_file)), exist_ok=True)
         self._file = open(json_file, "a")
-        self._window = window_size
-        self._new = _NewValues()
+        self._new = _NewValues(window_size)
 
     def write(self) -> None:
-        for it, scalars in sorted(self._new.take(self._window).items()):
+        for it, scalars in self._new.take():
             # strict JSON (jq, pandas, browsers): an undefined metric (NaN AP) becomes null
             clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
             self._file.write(json.dumps({"iteration": it, **clean}, sort_keys=True) + "\n")
@@ -204,11 +217,10 @@ class TensorboardXWriter(EventWriter):
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=log_dir)
-        self._window = window_size
-        self._new = _NewValues()
+        self._new = _NewValues(window_size)
 
     def write(self) -> None:
-        for it, scalars in sorted(self._new.take(self._window).items()):
+        for it, scalars in self._new.take():
             for name, value in scalars.items():
                 self._writer.add_scalar(name, value, it)
         self._writer.flush()
@@ -218,44 +230,50 @@ class TensorboardXWriter(EventWriter):
 
 
 class CommonMetricPrinter(EventWriter):
-    """Logs one console line per write (ETA, iteration, losses, time, lr, memory) and keeps a
-    tqdm progress bar on stderr.
+    """Logs one console line per write (ETA, iteration, losses, time, lr, memory) and, on a
+    terminal, keeps a progress bar on stderr that advances every iteration.
 
     Args:
         max_iter: total iterations (for the ETA and the bar).
         window_size: median window for losses and times.
         progress_bar: show the tqdm bar; None shows it only when stderr is a terminal, so log
-            files of batch jobs are not filled with carriage returns.
+            files of batch jobs are not filled with carriage returns. While the bar is shown,
+            console log lines are printed above it (:class:`segkit.utils.progress.ProgressBar`).
     """
 
     def __init__(self, max_iter: int, window_size: int = 20, progress_bar: Optional[bool] = None):
         self.max_iter = max_iter
         self._window = window_size
-        self._show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
-        self._bar = None
+        self._show_bar = stderr_is_terminal() if progress_bar is None else progress_bar
+        self._bar: Optional[ProgressBar] = None
         self._last: Optional[Tuple[int, float]] = None  # (iteration, wall time) of last write
         self._printed_iter = -1
 
-    def _eta_seconds(self, storage: EventStorage) -> Optional[float]:
-        remaining = self.max_iter - storage.iter - 1
+    def _eta_seconds(self, it: int) -> Optional[float]:
+        storage = get_event_storage()
+        remaining = self.max_iter - it - 1
         try:  # per-iteration time from the IterationTimer hook, robust median
             return storage.history("time").median(1000) * remaining
         except KeyError:  # no timer hook: estimate from the wall time between writes
             now = time.perf_counter()
             eta = None
-            if self._last is not None and storage.iter > self._last[0]:
-                eta = (now - self._last[1]) / (storage.iter - self._last[0]) * remaining
-            self._last = (storage.iter, now)
+            if self._last is not None and it > self._last[0]:
+                eta = (now - self._last[1]) / (it - self._last[0]) * remaining
+            self._last = (it, now)
             return eta
 
     def write(self) -> None:
         storage = get_event_storage()
-        it = storage.iter
+        latest = storage.latest()
+        if not latest:  # the first iteration failed: nothing to report
+            return
+        # the last iteration with values; after a failure, storage.iter is the failed one
+        it = max(i for _, i in latest.values())
         if it == self._printed_iter:  # the end-of-training write repeats the last iteration
             return
         self._printed_iter = it
-        eta = self._eta_seconds(storage)
         hist = storage.histories()
+        eta = self._eta_seconds(it)
 
         def fmt(name: str, digits: int = 4) -> str:
             return f"{name}: {hist[name].median(self._window):.{digits}f}" if name in hist else ""
@@ -270,19 +288,22 @@ class CommonMetricPrinter(EventWriter):
         parts = [eta_s, f"iter: {it + 1}/{self.max_iter}", losses, fmt("time"),
                  fmt("data_time"), lr, mem]
         logger.info("  ".join(p for p in parts if p))
-        self._update_bar(it, hist)
+        self._advance_bar(it)
 
-    def _update_bar(self, it: int, hist: Dict[str, HistoryBuffer]) -> None:
+    def after_step(self) -> None:
+        self._advance_bar(get_event_storage().iter)
+
+    def _advance_bar(self, it: int) -> None:
+        """Show ``it + 1`` iterations done, with the smoothed total loss."""
         if not self._show_bar:
             return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.max_iter, initial=it, file=sys.stderr, unit="it",
-                             dynamic_ncols=True, leave=False)
-        self._bar.update(max(0, it + 1 - self._bar.n))
+        if self._bar is None:  # opened at the first step: a resumed run starts part-way
+            self._bar = ProgressBar(self.max_iter, initial=it, enabled=True, unit="it")
+        hist = get_event_storage().histories()
+        postfix = {}
         if "total_loss" in hist:
-            self._bar.set_postfix(loss=f"{hist['total_loss'].median(self._window):.4g}")
+            postfix["loss"] = f"{hist['total_loss'].median(self._window):.4g}"
+        self._bar.update_to(it + 1, **postfix)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -174,3 +174,34 @@ def test_checkpointer_load_with_mismatch_does_not_crash(tmp_path):
     model = Tiny(num_classes=3)
     rest = Checkpointer(model, str(tmp_path)).load(str(tmp_path / "model_final.pth"))
     assert rest["iteration"] == 0 and rest["meta"]["iteration"] == 0
+
+
+class _Scale:
+    """Stands for a GradScaler: plain state that a resumed run must get back."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def state_dict(self):
+        return {"scale": self.scale, "_growth_tracker": 3}
+
+    def load_state_dict(self, state):
+        self.scale = state["scale"]
+
+
+def test_extra_checkpointables_round_trip(tmp_path):
+    model = Tiny()
+    Checkpointer(model, str(tmp_path), grad_scaler=_Scale(1024.0)).save("model_0000004",
+                                                                        iteration=4)
+    assert torch.load(tmp_path / "model_0000004.pth", weights_only=True)["grad_scaler"] == {
+        "scale": 1024.0, "_growth_tracker": 3}
+    scaler = _Scale(65536.0)
+    res = Checkpointer(Tiny(), str(tmp_path), grad_scaler=scaler).resume_or_load(None)
+    assert scaler.scale == 1024.0 and res["iteration"] == 4 and "grad_scaler" not in res
+    # None (no AMP) is not saved; a file without the entry leaves the object as it is
+    Checkpointer(model, str(tmp_path), grad_scaler=None).save("model_0000009", iteration=9)
+    assert "grad_scaler" not in load_checkpoint(str(tmp_path / "model_0000009.pth"))
+    Checkpointer(Tiny(), str(tmp_path), grad_scaler=scaler).resume_or_load(None)
+    assert scaler.scale == 1024.0
+    with pytest.raises(ValueError, match="reserved"):
+        Checkpointer(model, str(tmp_path), meta=None, iteration=_Scale(1.0))

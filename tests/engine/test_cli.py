@@ -2,6 +2,7 @@
 TensorBoard, evaluation, PNGs), resume reproducing the uninterrupted run, and ``segkit-eval``
 on the checkpoint; plus the evaluation config logic."""
 import json
+import logging
 import os
 import shutil
 
@@ -10,7 +11,7 @@ import torch
 
 from segkit.checkpoint import load_checkpoint
 from segkit.config import compose
-from segkit.engine.cli import eval_config, eval_main, run_train
+from segkit.engine.cli import checkpoint_config, eval_config, eval_main, run_eval, run_train
 
 TINY = [
     "solver.max_iter=4", "solver.steps=[3]", "solver.warmup_iters=1",
@@ -64,11 +65,56 @@ def test_train_resume_and_eval(tmp_path):
         assert torch.allclose(value, again[key], atol=1e-5), key
 
     # segkit-eval: config from the checkpoint, overrides on top, results JSON written
-    res = eval_main([f"checkpoint={out / 'model_final.pth'}", "evaluation.max_images=2",
-                     "evaluation.iou_types=[bbox]"])
+    res = run_eval(str(out / "model_final.pth"), ["evaluation.max_images=2",
+                                                  "evaluation.iou_types=[bbox]"])
     data = json.loads((out / "eval_model_final" / "eval_results.json").read_text())
     assert set(res) == {"bbox"} and set(data["results"]) == {"bbox"}
+    assert data["results"]["bbox"]["AP"] == pytest.approx(res["bbox"]["AP"])
     assert data["checkpoint"].endswith("model_final.pth") and data["dataset"] == "embedded_val"
+    assert eval_main([f"checkpoint={out / 'model_final.pth'}", "evaluation.max_images=1",
+                      f"train.output_dir={tmp_path / 'eval2'}"]) == 0  # an exit code
+    assert (tmp_path / "eval2" / "eval_results.json").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_run_names_the_last_checkpoint_and_empty_resume_warns(tmp_path, caplog):
+    from segkit.engine import HookBase, Trainer, default_setup
+
+    class Crash(HookBase):
+        def before_step(self):
+            if self.trainer.iter == 3:
+                raise KeyboardInterrupt  # e.g. the job was pre-empted
+
+    out = tmp_path / "run"
+    cfg = compose(_overrides(tmp_path, out) + ["train.resume=true", "train.num_vis_images=0"])
+    default_setup(cfg)
+    trainer = Trainer(cfg)
+    trainer.register_hooks([Crash()])
+    with caplog.at_level(logging.WARNING, logger="segkit"):
+        trainer.resume_or_load(resume=True)  # a fresh folder: nothing to resume
+        assert trainer.start_iter == 0
+        assert "train.resume is true" in caplog.text and "hydra.run.dir" in caplog.text
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    assert not (out / "model_final.pth").exists()
+    stop = [r.getMessage() for r in caplog.records if "Training stopped at" in r.getMessage()]
+    assert len(stop) == 1 and "iteration 3" in stop[0]
+    assert str(out / "model_0000001.pth") in stop[0] and "train.resume=true" in stop[0]
+
+
+def test_checkpoint_config_sources():
+    stored = {"experiment": "x", "train": {"device": "cpu"}}
+    cfg = checkpoint_config({"config": stored}, ["train.device=cuda"])
+    assert cfg.train.device == "cuda" and cfg.experiment == "x"  # the stored config
+    # converted weights: no config, but the experiment they were converted for
+    tv = {"config": None, "experiment": "faster_rcnn_r50_fpn_torchvision"}
+    cfg = checkpoint_config(tv, ["solver.base_lr=0.5"])
+    assert cfg.experiment == "faster_rcnn_r50_fpn_torchvision" and cfg.solver.base_lr == 0.5
+    assert cfg.dataset.num_classes == 90
+    cfg = checkpoint_config(tv, ["experiment=mask_rcnn_r50_fpn_torchvision"])  # override wins
+    assert cfg.experiment == "mask_rcnn_r50_fpn_torchvision"
+    with pytest.raises(ValueError, match="plain.pth. stores neither a config nor an experiment"):
+        checkpoint_config({"config": None, "experiment": None}, [], "plain.pth")
 
 
 def test_eval_config_applies_overrides_to_the_stored_config():
@@ -91,3 +137,21 @@ def test_eval_main_needs_a_checkpoint(capsys):
     with pytest.raises(SystemExit):
         eval_main(["evaluation.max_images=2"])
     assert "no checkpoint given" in capsys.readouterr().err
+
+
+def test_eval_main_missing_truncated_or_configless_checkpoint(tmp_path, capsys):
+    """One line on stderr naming the file and exit code 2, not a traceback."""
+    assert eval_main(["--checkpoint", str(tmp_path / "nope.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segkit-eval: error: ") and "nope.pth' does not exist" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    assert eval_main(["--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pth" in err and "truncated or corrupt" in err and "Traceback" not in err
+    plain = tmp_path / "plain.pth"
+    torch.save({"w": torch.zeros(2)}, plain)  # a bare state dict: no config, no experiment
+    assert eval_main(["--checkpoint", str(plain)]) == 2
+    assert "experiment=<name>" in capsys.readouterr().err

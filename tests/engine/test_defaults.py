@@ -140,6 +140,32 @@ def test_default_setup_writes_run_folder(tmp_path):
     assert text.count("hello from the engine test") == 1 and "torch:" in text
 
 
+def test_random_seed_is_recorded(tmp_path):
+    cfg = _cfg(tmp_path, train={"seed": -1})
+    out = default_setup(cfg)
+    seed = cfg.train.seed
+    assert isinstance(seed, int) and seed >= 0  # the train loader and checkpoints get it
+    assert OmegaConf.load(os.path.join(out, "config.yaml")).train.seed == seed
+    a = torch.rand(3)
+    default_setup(cfg)  # the recorded seed repeats the run
+    assert cfg.train.seed == seed and torch.equal(a, torch.rand(3))
+
+
+def test_log_file_not_opened_twice_when_the_root_logger_writes_it(tmp_path):
+    """Hydra's job log pointed at log.txt: segkit adds no second handler on the same file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    root_file = logging.FileHandler(out / "log.txt")
+    logging.getLogger().addHandler(root_file)
+    try:
+        default_setup(_cfg(tmp_path))
+        mine = [h for h in logging.getLogger("segkit").handlers if getattr(h, "_segkit", False)]
+        assert not any(isinstance(h, logging.FileHandler) for h in mine)
+    finally:
+        logging.getLogger().removeHandler(root_file)
+        root_file.close()
+
+
 def test_iou_types_drop_segm_without_mask_head(tmp_path):
     cfg = _cfg(tmp_path, model={"roi_heads": {"mask_head": None}})
     assert iou_types(cfg) == ["bbox"]

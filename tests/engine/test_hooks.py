@@ -9,7 +9,8 @@ import torch
 
 from segkit.checkpoint import Checkpointer, load_checkpoint
 from segkit.engine import (
-    EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter, SimpleTrainer,
+    EvalHook, HookBase, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter,
+    SimpleTrainer,
 )
 from segkit.engine.hooks import flatten_results
 from segkit.engine.lr_scheduler import build_lr_scheduler
@@ -119,8 +120,14 @@ def test_console_line_and_progress_bar(toy_model, toy_batches, caplog, capsys):
     trainer, opt = _trainer(model, toy_batches())
     sched = build_lr_scheduler(SOLVER, opt)
     printer = CommonMetricPrinter(max_iter=6, progress_bar=True)
+    bar_positions = []
+
+    class BarProbe(HookBase):
+        def after_step(self):
+            bar_positions.append(printer._bar.n)
+
     trainer.register_hooks([IterationTimer(warmup_iter=1), LRScheduler(sched),
-                            PeriodicWriter([printer], period=3)])
+                            PeriodicWriter([printer], period=3), BarProbe()])
     with caplog.at_level(logging.INFO, logger="segkit.utils.events"):
         trainer.train(0, 6)
     lines = [r.getMessage() for r in caplog.records if r.name == "segkit.utils.events"]
@@ -129,7 +136,33 @@ def test_console_line_and_progress_bar(toy_model, toy_batches, caplog, capsys):
     for key in ("total_loss:", "loss_a:", "loss_b:", "time:", "data_time:", "lr: 0.1"):
         assert key in lines[0], key
     assert "iter: 6/6" in lines[1] and "lr: 0.01" in lines[1]
-    assert "6/6" in capsys.readouterr().err  # tqdm bar on stderr
+    assert bar_positions == [1, 2, 3, 4, 5, 6]  # every iteration, not only at the log lines
+    assert "/6 [" in capsys.readouterr().err  # the tqdm bar is drawn on stderr
+    assert printer._bar is None  # closed at the end of training
+
+
+def test_console_line_after_a_failure_reports_the_last_finished_iteration(
+        toy_model, toy_batches, caplog):
+    model = toy_model(nan_at=4)
+    trainer, _ = _trainer(model, toy_batches())
+    trainer.register_hooks([PeriodicWriter([CommonMetricPrinter(6, progress_bar=False)], 3)])
+    with caplog.at_level(logging.INFO, logger="segkit.utils.events"), \
+            pytest.raises(FloatingPointError):
+        trainer.train(0, 6)
+    lines = [r.getMessage() for r in caplog.records if r.name == "segkit.utils.events"]
+    # iteration 4 failed before recording anything: the end-of-training line reports 4
+    # finished iterations (0..3), not 5
+    assert [line.split("iter: ")[1].split()[0] for line in lines] == ["3/6", "4/6"]
+
+
+def test_no_console_line_when_the_first_iteration_fails(toy_model, toy_batches, caplog):
+    model = toy_model(nan_at=0)
+    trainer, _ = _trainer(model, toy_batches())
+    trainer.register_hooks([PeriodicWriter([CommonMetricPrinter(6, progress_bar=False)], 3)])
+    with caplog.at_level(logging.INFO, logger="segkit.utils.events"), \
+            pytest.raises(FloatingPointError, match="iteration 0"):
+        trainer.train(0, 6)
+    assert not [r for r in caplog.records if r.name == "segkit.utils.events"]
 
 
 def test_event_storage_basics():
@@ -148,3 +181,15 @@ def test_event_storage_basics():
             storage.put_scalar("lr", 0.1)
         with pytest.raises(KeyError, match="recorded: \\['loss', 'lr'\\]"):
             storage.history("los")
+
+
+def test_history_buffer_windows_and_bounded_memory():
+    from segkit.utils.events import HistoryBuffer
+
+    h = HistoryBuffer(max_length=5)
+    for i in range(8):
+        h.update(float(i), i)
+    assert [v for v, _ in h.values()] == [3.0, 4.0, 5.0, 6.0, 7.0]  # oldest dropped
+    assert h.median(3) == 6.0 and h.avg(2) == 6.5 and h.median(100) == 5.0
+    assert h.global_avg() == pytest.approx(3.5)  # still counts the dropped values
+    assert h.latest() == 7.0

@@ -45,6 +45,15 @@ def test_cosine_with_and_without_warmup():
     assert lrs[30] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.3)), rel=1e-9)
 
 
+def test_cosine_end_factor_and_the_step_after_the_last_iteration():
+    solver = {**BASE, "schedule": "cosine", "warmup_iters": 0, "cosine_end_factor": 0.1}
+    lrs = _lrs_used(solver, iters=102)  # two steps past max_iter keep the last value
+    for it in (0, 50, 99):
+        cos = 0.5 * (1 + math.cos(math.pi * it / 100))
+        assert lrs[it] == pytest.approx(0.1 * (0.1 + 0.9 * cos), rel=1e-9), it
+    assert lrs[100] == lrs[101] == lrs[99]
+
+
 def test_no_steps_is_constant_after_warmup():
     lrs = _lrs_used({**BASE, "steps": []})
     assert lrs[10] == lrs[99] == pytest.approx(0.1)

@@ -164,16 +164,20 @@ def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     assert torch.equal(torch.rand(1), expected[2])
 
 
+class OneWeight(torch.nn.Module):
+    """A single weight ``w = 1`` and the forward given as ``forward(self, batch)``."""
+
+    def __init__(self, forward):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self._forward = forward
+
+    def forward(self, batch):
+        return self._forward(self, batch)
+
+
 def test_model_output_must_be_a_loss_dict(toy_batches):
-    class Bad(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, batch):
-            return [self.w]
-
-    model = Bad()
+    model = OneWeight(lambda self, batch: [self.w])
     trainer = SimpleTrainer(model, toy_batches(), torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="dict of losses"):
         trainer.train(0, 1)
@@ -204,3 +208,32 @@ def test_amp_on_cpu_uses_bfloat16_autocast(toy_model, toy_batches):
 def test_amp_on_cuda_uses_grad_scaler(toy_model, toy_batches):
     trainer = _amp_steps(toy_model(), toy_batches(), "cuda")
     assert trainer._scaler is not None and trainer._scaler.get_scale() > 0
+
+
+def test_a_model_raising_floating_point_error_gets_the_iteration(toy_batches):
+    def diverges(self, batch):
+        raise FloatingPointError("rpn: predicted boxes are not finite")
+
+    model = OneWeight(diverges)
+    trainer = SimpleTrainer(model, toy_batches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match="at iteration 4: rpn: predicted boxes") as err:
+        trainer.train(4, 6)
+    assert "solver.base_lr" in str(err.value) and torch.equal(model.w, torch.ones(1))
+
+
+def test_non_finite_gradient_stops_before_the_step_without_clipping(toy_batches):
+    # sqrt at 0: the loss is a finite 0, its gradient 0 * inf = NaN
+    model = OneWeight(lambda self, batch: {"loss_sqrt": torch.sqrt((self.w - 1) ** 2 * 0).sum()})
+    trainer = SimpleTrainer(model, toy_batches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert trainer.clip_grad_norm is None
+    with pytest.raises(FloatingPointError, match="gradient norm became nan at iteration 0"):
+        trainer.train(0, 2)
+    assert torch.equal(model.w, torch.ones(1))  # the NaN gradient never reached the weight
+
+
+def test_gradient_norm_is_recorded_without_clipping(toy_model, toy_batches):
+    model = toy_model()
+    trainer = SimpleTrainer(model, toy_batches(), torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.train(0, 2)
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert trainer.storage.history("grad_norm").latest() == pytest.approx(float(expected))

@@ -115,13 +115,19 @@ def test_false_positive_on_image_without_gt(fp_score, expected_ap, tmp_path):
 
 
 def test_empty_predictions_give_zeros_with_warning(caplog):
-    ev = EVALUATORS.get("coco")(_records(), META, iou_types=("bbox",))
+    """No detections at all: 0 where there is ground truth, NaN where there is none, exactly
+    as when there are detections (no small or large objects, no 'dog')."""
+    ev = EVALUATORS.get("coco")(_records(), META, iou_types=("bbox", "segm"))
     ev.process([{"image_id": 1}, {"image_id": 2}],
                [{"instances": Instances((H, W))}, {"instances": _instances([], [], [])}])
     with caplog.at_level(logging.WARNING):
         res = ev.evaluate()
     assert "no predictions" in caplog.text
-    assert res["bbox"]["AP"] == 0.0 and res["bbox"]["AR100"] == 0.0 and res["bbox"]["AP-cat"] == 0.0
+    for task in ("bbox", "segm"):
+        for name in ("AP", "AP50", "APm", "AR1", "AR100", "ARm", "AP-cat"):
+            assert res[task][name] == 0.0, (task, name)
+        for name in ("APs", "APl", "ARs", "ARl", "AP-dog"):
+            assert math.isnan(res[task][name]), (task, name)
 
 
 def test_reset_and_only_processed_images_count():

@@ -42,35 +42,13 @@ def _readme_stats():
     return stats
 
 
-def _fallback_reader():
-    """Records + metadata straight from the json (used until segkit.data has ``coco_json``)."""
-    gt = json.loads(GT_JSON.read_text())
-    cat_ids = sorted(c["id"] for c in gt["categories"])
-    to_contig = {c: i for i, c in enumerate(cat_ids)}
-    names = {c["id"]: c["name"] for c in gt["categories"]}
-    anns = defaultdict(list)
-    for a in gt["annotations"]:
-        anns[a["image_id"]].append({**a, "bbox_mode": "xywh",
-                                    "category_id": to_contig[a["category_id"]]})
-    records = [{"file_name": im["file_name"], "image_id": im["id"], "height": im["height"],
-                "width": im["width"], "annotations": anns[im["id"]]} for im in gt["images"]]
-    meta = {"name": "cocoapi100", "thing_classes": [names[c] for c in cat_ids],
-            "contiguous_to_category_id": {i: c for c, i in to_contig.items()},
-            "json_file": str(GT_JSON), "image_root": str(DATA)}
-    return records, meta
-
-
 @pytest.fixture(scope="module")
 def dataset():
-    """(records, metadata) from segkit's ``coco_json`` reader when it exists."""
-    try:
-        import segkit.data  # noqa: F401  (registers the readers)
-        from segkit.registry import DATASETS
+    """(records, metadata) from segkit's ``coco_json`` reader (contiguous ids, crowd kept)."""
+    import segkit.data  # noqa: F401  (registers the readers)
+    from segkit.registry import DATASETS
 
-        reader = DATASETS.get("coco_json")
-    except (ImportError, KeyError):
-        return _fallback_reader()
-    return reader(json=str(GT_JSON), images=str(DATA))
+    return DATASETS.get("coco_json")(json=str(GT_JSON), images=str(DATA))
 
 
 def _to_instances(dets, record, to_contig, iou_type):

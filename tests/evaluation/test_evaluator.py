@@ -85,3 +85,9 @@ def test_dataset_evaluators_merge_and_clash():
     assert res == {"a": {"n": 3}, "b": {"n": 3}} and a.resets == b.resets == 1
     with pytest.raises(KeyError, match="same task 'a'"):
         inference_on_dataset(_Model(), _loader(1, 1), DatasetEvaluators([a, _Recorder("a")]))
+
+
+def test_no_progress_bar_noise_off_a_terminal(capsys):
+    """Batch jobs and CI logs (stderr not a terminal) get no carriage-return bar updates."""
+    inference_on_dataset(_Model(), _loader(4, 1), _Recorder())
+    assert capsys.readouterr().err == ""
