@@ -37,7 +37,7 @@ setup(
         "torch>=2.14",
         "torchvision>=0.29",
         "numpy",
-        "pillow",
+        "pillow>=9.4",
         "pycocotools>=2.0.7",
         "fvcore>=0.1.5",
         "iopath>=0.1.9",

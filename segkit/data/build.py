@@ -29,24 +29,26 @@ logger = logging.getLogger(__name__)
 
 
 class _SerializedList:
-    """Records pickled into one numpy buffer.
+    """Records pickled into one flat uint8 tensor.
 
-    Forked loader workers touching millions of small Python objects copy their pages
-    (reference counts are writes); one flat buffer stays shared and is smaller.
+    Loader workers read records from it without copying the record list: forked workers touching
+    millions of small Python objects would copy their pages (reference counts are writes), and
+    spawned/forkserver workers (Python 3.14's default) receive tensors through shared memory
+    rather than as pickled bytes.
     """
 
     def __init__(self, items: Sequence[Any]):
         blobs = [np.frombuffer(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
                  for x in items]
-        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-        self._buf = np.concatenate(blobs) if blobs else np.zeros(0, dtype=np.uint8)
+        self._ends = torch.from_numpy(np.cumsum([len(b) for b in blobs], dtype=np.int64))
+        self._buf = torch.from_numpy(np.concatenate(blobs) if blobs else np.zeros(0, np.uint8))
 
     def __len__(self) -> int:
         return len(self._ends)
 
     def __getitem__(self, i: int) -> Any:
         start = 0 if i == 0 else int(self._ends[i - 1])
-        return pickle.loads(memoryview(self._buf[start:int(self._ends[i])]))
+        return pickle.loads(memoryview(self._buf[start:int(self._ends[i])].numpy()))
 
 
 def _seed_everything(seed: int) -> None:
@@ -112,13 +114,23 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _has_instance(record: dict) -> bool:
+    return any(not a.get("iscrowd", 0) for a in record.get("annotations", []))
+
+
 def filter_empty_records(records: Sequence[dict]) -> List[dict]:
     """Records with at least one non-crowd annotation (training needs a positive)."""
-    kept = [r for r in records if any(not a.get("iscrowd", 0) for a in r.get("annotations", []))]
+    kept = [r for r in records if _has_instance(r)]
     if len(kept) < len(records):
-        logger.info("removed %d of %d images without (non-crowd) annotations",
-                    len(records) - len(kept), len(records))
+        logger.info("removed %d of %d images without (non-crowd) annotations from training, "
+                    "e.g. %s", len(records) - len(kept), len(records), _some_files(records))
     return kept
+
+
+def _some_files(records: Sequence[dict], k: int = 3) -> str:
+    """A few file names of the records without (non-crowd) annotations, for messages."""
+    names = [str(r.get("file_name", r.get("image_id"))) for r in records if not _has_instance(r)]
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
 
 
 def build_train_loader(records: Sequence[dict], mapper: Callable[..., Dict[str, Any]],
@@ -142,10 +154,16 @@ def build_train_loader(records: Sequence[dict], mapper: Callable[..., Dict[str, 
         A ``DataLoader`` whose iteration never ends, yielding ``list[dict]`` of mapped
         samples. An image that cannot be read stops it with ``ImageReadError`` naming the file.
     """
-    records = filter_empty_records(records) if filter_empty else list(records)
     if not records:
-        raise ValueError("no training images left" + (" after removing images without "
-                         "annotations (filter_empty=True)" if filter_empty else ""))
+        raise ValueError("build_train_loader: the training dataset has no images")
+    kept = filter_empty_records(records) if filter_empty else records
+    if not kept:
+        raise ValueError(
+            f"build_train_loader: none of the {len(records)} training images has a non-crowd "
+            f"annotation (e.g. {_some_files(records)}), and images without one are skipped "
+            f"(filter_empty=True); check that the annotations' image_id values match the "
+            f"images' ids")
+    records = kept
     sampler = TrainingSampler(len(records), shuffle=True, seed=seed, rank=rank,
                               world_size=world_size)
     group_ids = aspect_ratio_group_ids(records) if aspect_ratio_grouping else None

@@ -12,10 +12,12 @@ Contiguous ids follow the sorted dataset category ids; ``metadata["contiguous_to
 maps them back for evaluation. What the reader does with imperfect annotations:
 
 * a box with ``w <= 0`` or ``h <= 0`` carries no object: it is dropped, and one warning per
-  file lists how many and which annotation ids;
+  file lists how many and which annotation ids, by reason;
 * a box partly outside the image is clipped to it (the segmentation and area stay as given,
-  COCO's evaluation uses them unchanged); a box entirely outside is dropped like a degenerate one;
+  COCO's evaluation uses them unchanged); a box entirely outside is dropped like an empty one;
 * polygons with fewer than 3 points are dropped (an annotation left without any is dropped);
+* a category id missing from ``categories``, a non-finite or non-numeric bbox, a malformed
+  segmentation or duplicate ids are errors naming the file and the annotation id;
 * images without annotations are kept (evaluation needs them); the training loader's
   ``filter_empty`` drops them; crowd annotations are kept with ``iscrowd=1``.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -56,7 +59,7 @@ def _read_json(json_file: str) -> Dict[str, Any]:
     try:
         with open(json_file, "r", encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a truncated or binary file
         raise ValueError(f"malformed JSON in {json_file}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{json_file}: expected a COCO json object with 'images', "
@@ -95,13 +98,30 @@ def _segmentation(ann: dict, height: int, width: int, where: str) -> Optional[An
         if len(p) % 2:
             raise ValueError(f"{where}: polygon with an odd number of coordinates ({len(p)})")
         if len(p) >= 6:  # fewer than 3 points has no area
-            polys.append([float(v) for v in p])
+            polys.append(_numbers(p, where, "polygon coordinates"))
     return polys or None
 
 
+def _numbers(values: list, where: str, what: str) -> List[float]:
+    """``values`` as floats; anything else than finite numbers is an error naming ``where``."""
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != len(values) or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{where}: {what} must be finite numbers, got {values!r:.120}")
+    return out
+
+
+# Why the reader drops an annotation (the keys of the ``dropped`` dict), as the warning says it.
+_EMPTY_BOX = "an empty box (w <= 0 or h <= 0)"
+_OUTSIDE = "a box entirely outside its image"
+_DEGENERATE = "only degenerate polygons (fewer than 3 points)"
+
+
 def _annotation(ann: dict, img: dict, cat_map: Dict[int, int], json_file: str,
-                dropped: List[int]) -> Optional[dict]:
-    """Convert one COCO annotation; appends its id to ``dropped`` when it is unusable."""
+                dropped: Dict[str, List[int]]) -> Optional[dict]:
+    """Convert one COCO annotation; an unusable one is listed in ``dropped[reason]``."""
     ann_id = ann.get("id")
     where = f"{json_file}: annotation id {ann_id} (image id {img['id']})"
     if ann.get("category_id") not in cat_map:
@@ -110,23 +130,25 @@ def _annotation(ann: dict, img: dict, cat_map: Dict[int, int], json_file: str,
     bbox = ann.get("bbox")
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-    x, y, w, h = (float(v) for v in bbox)
-    if w <= 0 or h <= 0:
-        dropped.append(ann_id)
-        return None
+    x, y, w, h = _numbers(bbox, where, "bbox [x, y, w, h] values")
     height, width = img["height"], img["width"]
     x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
     x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x2 <= x1 or y2 <= y1:  # entirely outside the image
-        dropped.append(ann_id)
+    reason, seg = None, None
+    if w <= 0 or h <= 0:
+        reason = _EMPTY_BOX
+    elif x2 <= x1 or y2 <= y1:
+        reason = _OUTSIDE
+    else:
+        seg = _segmentation(ann, height, width, where)
+        if seg is None and ann.get("segmentation"):
+            reason = _DEGENERATE
+    if reason:
+        dropped.setdefault(reason, []).append(ann_id)
         return None
     out = {"bbox": [x1, y1, x2 - x1, y2 - y1], "bbox_mode": "xywh",
            "category_id": cat_map[ann["category_id"]], "iscrowd": int(ann.get("iscrowd", 0)),
            "id": ann_id}
-    seg = _segmentation(ann, height, width, where)
-    if seg is None and ann.get("segmentation"):  # only degenerate polygons
-        dropped.append(ann_id)
-        return None
     if seg is not None:
         out["segmentation"] = seg
     area = ann.get("area")
@@ -135,6 +157,17 @@ def _annotation(ann: dict, img: dict, cat_map: Dict[int, int], json_file: str,
                 else (x2 - x1) * (y2 - y1))
     out["area"] = float(area)
     return out
+
+
+def _warn_dropped(json_file: str, dropped: Dict[str, List[int]]) -> None:
+    """One warning per file naming the dropped annotations, by reason."""
+    parts = []
+    for reason, ids in dropped.items():
+        shown = ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+        parts.append(f"{len(ids)} with {reason}: ids {shown}")
+    total = sum(len(ids) for ids in dropped.values())
+    warnings.warn(f"{json_file}: dropped {total} annotation(s) that mark no object; "
+                  + "; ".join(parts), stacklevel=3)
 
 
 def _to_rle(seg: Any, height: int, width: int) -> dict:
@@ -177,37 +210,9 @@ def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
     json_file, image_root = os.fspath(json_file), os.fspath(image_root)
     _check_paths(json_file, image_root, config_path)
     data = _read_json(json_file)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-
-    cat_ids = sorted(c["id"] for c in data["categories"])
-    if len(set(cat_ids)) != len(cat_ids):
-        raise ValueError(f"{json_file}: duplicate category ids in 'categories'")
-    if label_map == "sorted":
-        cat_map = {cid: i for i, cid in enumerate(cat_ids)}
-        thing_classes = [coco.cats[cid]["name"] for cid in cat_ids]
-    elif label_map == "category_id":
-        if cat_ids and cat_ids[0] < 1:
-            raise ValueError(f"{json_file}: label_map 'category_id' needs category ids >= 1, "
-                             f"got {cat_ids[0]}")
-        cat_map = {cid: cid - 1 for cid in cat_ids}
-        top = cat_ids[-1] if cat_ids else 0
-        thing_classes = [coco.cats[i]["name"] if i in coco.cats else "N/A"
-                         for i in range(1, top + 1)]
-    else:
-        raise ValueError(f"unknown label_map {label_map!r} (config key "
-                         f"'{_key(config_path, 'label_map')}'); expected 'sorted' or "
-                         "'category_id'")
-    if len(coco.imgs) != len(data["images"]):
-        raise ValueError(f"{json_file}: duplicate image ids in 'images'")
-    for ann in data["annotations"]:
-        if ann.get("image_id") not in coco.imgs:
-            raise ValueError(f"{json_file}: annotation id {ann.get('id')} refers to image id "
-                             f"{ann.get('image_id')!r}, which is not in 'images'")
-
-    records, dropped = [], []
+    coco = _index(data, json_file)
+    cat_map, thing_classes, to_category_id = _label_map(coco, label_map, json_file, config_path)
+    records, dropped = [], {}
     for img in data["images"]:
         h, w = img.get("height"), img.get("width")
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
@@ -218,19 +223,50 @@ def load_coco_json(json_file: str, image_root: str, name: Optional[str] = None,
                         "image_id": img["id"], "height": h, "width": w,
                         "annotations": [a for a in anns if a is not None]})
     if dropped:
-        shown = ", ".join(str(i) for i in dropped[:20]) + (" ..." if len(dropped) > 20 else "")
-        warnings.warn(f"{json_file}: dropped {len(dropped)} annotation(s) with an empty box "
-                      f"(w <= 0, h <= 0, outside the image) or only degenerate polygons; "
-                      f"ids: {shown}", stacklevel=2)
+        _warn_dropped(json_file, dropped)
     metadata = {
         "name": name or os.path.splitext(os.path.basename(json_file))[0],
-        "thing_classes": thing_classes,
-        "contiguous_to_category_id": (
-            {i: cid for cid, i in cat_map.items()} if label_map == "sorted"
-            else {i: i + 1 for i in range(len(thing_classes))}),
+        "thing_classes": thing_classes, "contiguous_to_category_id": to_category_id,
         "json_file": json_file, "image_root": image_root,
     }
     return records, metadata
+
+
+def _index(data: Dict[str, Any], json_file: str) -> COCO:
+    """pycocotools' index of ``data``, after checking ids that it would silently overwrite."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    if len(coco.cats) != len(data["categories"]):
+        raise ValueError(f"{json_file}: duplicate category ids in 'categories'")
+    if len(coco.imgs) != len(data["images"]):
+        raise ValueError(f"{json_file}: duplicate image ids in 'images'")
+    for ann in data["annotations"]:
+        if ann.get("image_id") not in coco.imgs:
+            raise ValueError(f"{json_file}: annotation id {ann.get('id')} refers to image id "
+                             f"{ann.get('image_id')!r}, which is not in 'images'")
+    return coco
+
+
+def _label_map(coco: COCO, label_map: str, json_file: str, config_path: str
+               ) -> Tuple[Dict[int, int], List[str], Dict[int, int]]:
+    """``(category id -> class, thing_classes, class -> category id)`` for ``label_map``."""
+    cat_ids = sorted(coco.cats)
+    if label_map == "sorted":
+        cat_map = {cid: i for i, cid in enumerate(cat_ids)}
+        return (cat_map, [coco.cats[cid]["name"] for cid in cat_ids],
+                {i: cid for cid, i in cat_map.items()})
+    if label_map == "category_id":
+        if cat_ids and cat_ids[0] < 1:
+            raise ValueError(f"{json_file}: label_map 'category_id' needs category ids >= 1, "
+                             f"got {cat_ids[0]}")
+        top = cat_ids[-1] if cat_ids else 0
+        return ({cid: cid - 1 for cid in cat_ids},
+                [coco.cats[i]["name"] if i in coco.cats else "N/A" for i in range(1, top + 1)],
+                {i: i + 1 for i in range(top)})
+    raise ValueError(f"unknown label_map {label_map!r} (config key "
+                     f"'{_key(config_path, 'label_map')}'); expected 'sorted' or 'category_id'")
 
 
 @DATASETS.register("coco_json")

@@ -148,7 +148,10 @@ def _swap_in(tmp: str, root: str, params: Dict[str, Any]) -> None:
         if _manifest_ok(root, params):  # another process finished first: keep theirs
             return
         stale = f"{tmp}.stale"
-        os.replace(root, stale)
+        try:
+            os.replace(root, stale)
+        except FileNotFoundError:  # a concurrent run moved the stale copy aside first
+            stale = None
     try:
         os.replace(tmp, root)
     except OSError:

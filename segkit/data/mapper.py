@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from segkit.data.transforms import (Augmentation, RandomFlip, ResizeShortestEdge, Transform,
                                     apply_augmentations)
 from segkit.structures import (BitMasks, Boxes, Instances, PolygonMasks, polygons_to_bitmask,
-                               rle_to_bitmask)
+                               rles_to_bitmasks)
 
 __all__ = ["DatasetMapper", "ImageReadError", "read_image"]
 
@@ -39,29 +39,45 @@ def read_image(path: str) -> np.ndarray:
     The EXIF orientation is applied, as COCO's height/width describe the upright image.
 
     Returns:
-        (H, W, 3) uint8 RGB array.
+        (H, W, 3) uint8 RGB array (read-only: it shares the decoded buffer).
 
     Raises:
         ImageReadError: missing, unreadable, truncated or corrupt file (the message names it).
     """
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # also forces the full decode: truncation shows here
-            return np.asarray(im.convert("RGB"))
+            # Loads the pixels (a truncated file fails here) and rotates without a copy
+            # when there is no orientation tag.
+            ImageOps.exif_transpose(im, in_place=True)
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except FileNotFoundError as e:
         raise ImageReadError(f"cannot read image {path}: file not found", path) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}", path) from e
 
 
-def _xyxy(ann: Mapping[str, Any], where: str) -> List[float]:
-    x, y, a, b = (float(v) for v in ann["bbox"])
-    mode = ann.get("bbox_mode", "xywh")
-    if mode == "xywh":
-        return [x, y, x + a, y + b]
-    if mode == "xyxy":
-        return [x, y, a, b]
-    raise ValueError(f"{where}: unknown bbox_mode {mode!r}; expected 'xywh' or 'xyxy'")
+def _boxes_xyxy(anns: Sequence[Mapping[str, Any]], path: str) -> np.ndarray:
+    """(N, 4) float64 XYXY boxes of ``anns``, whose ``bbox`` is in ``bbox_mode`` (default
+    "xywh", as in COCO files; "xyxy" is accepted too)."""
+    boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    modes = [a.get("bbox_mode", "xywh") for a in anns]
+    for a, mode in zip(anns, modes):
+        if mode not in ("xywh", "xyxy"):
+            raise ValueError(f"{path}: annotation id {a.get('id')}: unknown bbox_mode {mode!r}; "
+                             f"expected 'xywh' or 'xyxy'")
+    xywh = np.array([m == "xywh" for m in modes], dtype=bool)
+    boxes[xywh, 2:] += boxes[xywh, :2]
+    return boxes
+
+
+def _size_mismatch(path: str, decoded: Sequence[int], h: int, w: int) -> ValueError:
+    hint = ""
+    if tuple(decoded) == (w, h):
+        hint = ("; height and width are swapped, the usual sign of an EXIF orientation tag: "
+                "segkit, like COCO, uses the upright (rotated) image, so the annotations must "
+                "describe it too")
+    return ValueError(f"{path}: decoded image is {decoded[0]}x{decoded[1]} (h x w) but the "
+                      f"dataset record says {h}x{w}{hint}")
 
 
 class DatasetMapper:
@@ -111,6 +127,11 @@ class DatasetMapper:
                 so batches do not depend on the number of workers; by default a generator is
                 seeded from numpy's global RNG (which the loader workers seed).
 
+        Returns:
+            The model input of the module docstring: ``image`` uint8 (3, H', W') RGB,
+            ``height``/``width`` (the original size), ``file_name``, ``image_id`` and, in
+            training, ``instances`` (boxes XYXY at (H', W')).
+
         Raises:
             ImageReadError: the image cannot be read.
             ValueError: the decoded size differs from the record's height/width.
@@ -121,8 +142,7 @@ class DatasetMapper:
         image = read_image(path)
         h, w = record.get("height", image.shape[0]), record.get("width", image.shape[1])
         if image.shape[:2] != (h, w):
-            raise ValueError(f"{path}: decoded image is {image.shape[0]}x{image.shape[1]} "
-                             f"(h x w) but the dataset record says {h}x{w}")
+            raise _size_mismatch(path, image.shape[:2], h, w)
         image, tfm = apply_augmentations(self.augmentations, image, rng)
         out = {"file_name": path, "image_id": record.get("image_id"), "height": h, "width": w,
                "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
@@ -137,12 +157,23 @@ class DatasetMapper:
 
         Boxes are clipped to the transformed image and boxes left empty are removed, together
         with their classes and masks.
+
+        Args:
+            annotations: the record's annotations (``bbox`` in its ``bbox_mode``, contiguous
+                ``category_id``, ``segmentation`` as polygons or RLE at ``orig_size``).
+            tfm: the transform that was applied to the image.
+            orig_size: (H, W) of the decoded image; image_size: (H', W') after ``tfm``.
+            path: the image file, named in error messages.
+
+        Returns:
+            ``Instances`` of ``image_size`` with ``gt_boxes`` (N, 4) XYXY absolute float32,
+            ``gt_classes`` (N,) int64 and, with ``use_masks``, ``gt_masks``: ``PolygonMasks``
+            or ``BitMasks`` (N, H', W') (see ``mask_format``).
         """
         # Crowd regions are not object instances: Mask R-CNN (like Detectron) neither matches
         # nor trains on them. They stay in the records for evaluation.
         anns = [a for a in annotations if not a.get("iscrowd", 0)]
-        boxes = np.array([_xyxy(a, f"{path}: annotation id {a.get('id')}") for a in anns],
-                         dtype=np.float64).reshape(-1, 4)
+        boxes = _boxes_xyxy(anns, path)
         gt_boxes = Boxes(torch.as_tensor(tfm.apply_boxes(boxes), dtype=torch.float32))
         gt_boxes.clip(image_size)
         inst = Instances(image_size, gt_boxes=gt_boxes,
@@ -154,6 +185,7 @@ class DatasetMapper:
         return inst if bool(keep.all()) else inst[keep]
 
     def _masks(self, anns, tfm: Transform, orig_size, image_size, path: str):
+        """``PolygonMasks`` (all polygons, ``mask_format="polygon"``) or ``BitMasks`` (N, H', W')."""
         segs = []
         for a in anns:
             if a.get("segmentation") is None:
@@ -168,7 +200,10 @@ class DatasetMapper:
         for i, s in enumerate(segs):
             if not isinstance(s, dict):  # rasterising after the transform is exact at (h, w)
                 masks[i] = polygons_to_bitmask(tfm.apply_polygons(s), h, w).numpy()
-        if rle_idx:
-            decoded = np.stack([rle_to_bitmask(segs[i], *orig_size).numpy() for i in rle_idx])
+        if rle_idx:  # decoded at the original size in one call, then transformed like the image
+            try:
+                decoded = rles_to_bitmasks([segs[i] for i in rle_idx], *orig_size).numpy()
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
             masks[rle_idx] = tfm.apply_masks(decoded)
         return BitMasks(torch.from_numpy(masks))

@@ -32,7 +32,11 @@ class Transform:
         return height, width
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """Args: image (H, W, 3) uint8. Returns the transformed (H', W', 3) uint8 image."""
+        """Args: image (H, W, 3) uint8. Returns the transformed (H', W', 3) uint8 image.
+
+        The result may be a view of ``image`` (a flip is a negative stride), so that the copy
+        the caller makes anyway (the mapper's HWC -> CHW) is the only one.
+        """
         return image
 
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
@@ -56,8 +60,8 @@ class Transform:
                 for p in polygons]
 
     def apply_masks(self, masks: np.ndarray) -> np.ndarray:
-        """Args: masks (N, H, W) bool or uint8. Returns (N, H', W') bool."""
-        return masks.astype(bool)
+        """Args: masks (N, H, W) bool or uint8. Returns (N, H', W') bool, C-contiguous."""
+        return np.ascontiguousarray(masks, dtype=bool)
 
 
 class NoOpTransform(Transform):
@@ -90,7 +94,7 @@ class ResizeTransform(Transform):
 
     def apply_masks(self, masks: np.ndarray) -> np.ndarray:
         if masks.shape[0] == 0 or (self.new_h, self.new_w) == (self.h, self.w):
-            return masks.astype(bool).reshape(-1, self.new_h, self.new_w)
+            return np.ascontiguousarray(masks, dtype=bool).reshape(-1, self.new_h, self.new_w)
         # Bilinear on the 0/1 mask thresholded at 0.5 keeps the boundary where the polygon
         # rasteriser would put it (half-pixel centres, align_corners=False), unlike nearest.
         t = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
@@ -105,7 +109,7 @@ class HFlipTransform(Transform):
         self.width = width
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(image[:, ::-1])
+        return image[:, ::-1]  # a view: see Transform.apply_image
 
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
         out = np.array(coords, dtype=np.float64, copy=True)
@@ -113,7 +117,7 @@ class HFlipTransform(Transform):
         return out
 
     def apply_masks(self, masks: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(masks[:, :, ::-1]).astype(bool)
+        return np.ascontiguousarray(masks[:, :, ::-1], dtype=bool)
 
 
 class TransformList(Transform):

@@ -71,7 +71,9 @@ class FrozenBatchNorm2d(nn.Module):
                 if module.track_running_stats:
                     frozen.running_mean.copy_(module.running_mean)
                     frozen.running_var.copy_(module.running_var)
-            return frozen.to(module.weight.device if module.affine else frozen.weight.device)
+            # weight is None without affine, running_mean without running stats
+            source = next(iter(list(module.parameters()) + list(module.buffers())), None)
+            return frozen if source is None else frozen.to(source.device)
         for name, child in module.named_children():
             new_child = cls.convert_frozen_batchnorm(child)
             if new_child is not child:

@@ -1,17 +1,23 @@
-"""Pasting fixed-size mask predictions back into full images (Mask R-CNN section 3)."""
+"""Mask R-CNN's two mask resamplings (section 3): full-image masks cropped to boxes at M x M
+(the training targets) and M x M predictions pasted back into full images."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["paste_masks_in_image"]
+from .ops import roi_align
+
+__all__ = ["crop_masks", "paste_masks_in_image"]
 
 # Upper bound on sampled pixels (masks x region height x region width) per grid_sample call.
 # The sampling grid costs 8 bytes per pixel, so 2**23 pixels keep one chunk near 100 MB.
 _PIXEL_BUDGET = 1 << 23
+# crop_masks groups boxes while (group size x union region) stays within this multiple of the
+# boxes' own regions (and within the pixel budget).
+_CROP_MAX_WASTE = 2.0
 
 
 def _pixel_extents(boxes: Tensor, height: int, width: int) -> Tensor:
@@ -33,21 +39,33 @@ def _pixel_extents(boxes: Tensor, height: int, width: int) -> Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1).long()
 
 
-def _chunks(extents: Tensor) -> List[Tuple[int, int, List[int]]]:
-    """Group consecutive masks so each group's union region times its size fits the budget.
+def _chunks(extents: Tensor, budget: Optional[int] = None,
+            max_waste: float = float("inf")) -> List[Tuple[int, int, List[int]]]:
+    """Group consecutive items so that each group's union region times its size fits ``budget``.
 
-    Returns a list of ``(start, end, [x0, y0, x1, y1] union region)`` tuples.
+    Args:
+        extents: (N, 4) int64 ``[x0, y0, x1, y1]`` pixel ranges, one per item.
+        budget: bound on ``group size x union area`` (pixels processed by one call);
+            default ``_PIXEL_BUDGET``.
+        max_waste: also start a new group when ``group size x union area`` would exceed this
+            multiple of the sum of the items' own areas (keeps far-apart items apart).
+
+    Returns:
+        A list of ``(start, end, [x0, y0, x1, y1] union region)`` tuples.
     """
+    budget = _PIXEL_BUDGET if budget is None else budget
     groups = []
-    start, region = 0, None
+    start, region, own = 0, None, 0
     for i, e in enumerate(extents.tolist()):
+        area = (e[2] - e[0]) * (e[3] - e[1])
         merged = e if region is None else [min(region[0], e[0]), min(region[1], e[1]),
                                            max(region[2], e[2]), max(region[3], e[3])]
         pixels = (i - start + 1) * (merged[2] - merged[0]) * (merged[3] - merged[1])
-        if region is not None and pixels > _PIXEL_BUDGET:
+        if region is not None and (pixels > budget or pixels > max_waste * (own + area)):
             groups.append((start, i, region))
-            start, merged = i, e
+            start, merged, own = i, e, 0
         region = merged
+        own += area
     if region is not None:
         groups.append((start, len(extents), region))
     return groups
@@ -108,3 +126,58 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Tuple[int, in
         keep &= ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))[:, None, None]
         out[start:end, ry0:ry1, rx0:rx1] = keep
     return out
+
+
+def _roi_read_extents(boxes: Tensor, height: int, width: int) -> Tensor:
+    """(N, 4) int64 ``[x0, y0, x1, y1]``: the pixels aligned RoIAlign reads for each box.
+
+    Its samples lie in ``[x1 - 0.5, x2 - 0.5]`` and interpolate columns ``floor(x)`` and
+    ``floor(x) + 1``. One more pixel each side keeps every sample off a cut inside the image;
+    a cut clipped to the image border is the border, where RoIAlign clamps as before.
+    """
+    b = torch.nan_to_num(boxes.detach().cpu().double()).view(-1, 2, 2)  # (N, corner, xy)
+    lo = (b.amin(dim=1) - 0.5).floor() - 1  # min/max: an inverted box samples backwards
+    hi = (b.amax(dim=1) - 0.5).floor() + 3
+    size = torch.tensor([width, height, width, height], dtype=torch.float64)
+    return torch.minimum(torch.cat([lo, hi], dim=1).clamp(min=0), size).long()
+
+
+def crop_masks(masks: Tensor, boxes: Tensor, mask_size: int,
+               mask_indices: Optional[Tensor] = None) -> Tensor:
+    """Crop a mask to each box and resample it to M x M with aligned RoIAlign.
+
+    The result equals ``roi_align`` over the full float masks (up to float rounding), but
+    boxes are sorted left to right and grouped so that each group converts only one small
+    region of its masks to float: the cost follows the box sizes, not N x H x W.
+
+    Args:
+        masks: (K, H, W) bool (or 0/1) masks.
+        boxes: (N, 4) XYXY absolute float32 boxes on ``masks.device``.
+        mask_size: output side M.
+        mask_indices: (N,) int64, box i is cropped from ``masks[mask_indices[i]]``; by
+            default box i from mask i (N = K). A mask head passes the GT index matched to
+            each RoI instead of first copying one full-size mask per RoI.
+
+    Returns:
+        (N, M, M) float32 in [0, 1]: the fraction of each bin covered by the mask.
+    """
+    if mask_indices is not None:
+        mask_indices = mask_indices.to(device=masks.device, dtype=torch.int64)
+    n, (_, h, w) = len(boxes), masks.shape
+    out = torch.zeros((n, mask_size, mask_size), dtype=torch.float32, device=masks.device)
+    if n == 0:
+        return out
+    order = torch.argsort(boxes[:, 0].detach().cpu(), stable=True)
+    extents = _roi_read_extents(boxes, h, w)[order]
+    order = order.to(masks.device)
+    for start, end, (x0, y0, x1, y1) in _chunks(extents, max_waste=_CROP_MAX_WASTE):
+        if x1 <= x0 or y1 <= y0:
+            continue  # every box of the group lies outside the image: all samples are 0
+        idx = order[start:end]
+        src = idx if mask_indices is None else mask_indices[idx]
+        crop = masks[src, None, y0:y1, x0:x1].float()
+        batch_idx = torch.arange(end - start, device=masks.device, dtype=torch.float32)
+        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=masks.device)
+        rois = torch.cat([batch_idx[:, None], boxes[idx] - shift], dim=1)
+        out[idx] = roi_align(crop, rois, (mask_size, mask_size), 1.0, 0, True)[:, 0]
+    return out.clamp_(0, 1)

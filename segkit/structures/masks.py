@@ -7,20 +7,17 @@ M x M). Boxes are XYXY absolute pixels; a pixel (i, j) covers ``[j, j+1] x [i, i
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..layers.ops import roi_align
+from ..layers.mask_ops import crop_masks
 from .boxes import Boxes
-from .rasterize import polygons_to_bitmask, rle_to_bitmask
+from .rasterize import polygons_to_bitmask, rles_to_bitmasks
 
 __all__ = ["BitMasks", "PolygonMasks"]
-
-# Masks per roi_align call in BitMasks.crop_and_resize: bounds the float copy of the masks.
-_CROP_CHUNK = 16
 
 
 class BitMasks:
@@ -68,6 +65,10 @@ class BitMasks:
         """Concatenate BitMasks of the same image size."""
         if not masks_list:
             raise ValueError("BitMasks.cat: got an empty list; the image size is unknown")
+        _check_cat(cls, masks_list)
+        sizes = {m.image_size for m in masks_list}
+        if len(sizes) > 1:
+            raise ValueError(f"BitMasks.cat: masks of different image sizes {sorted(sizes)}")
         return cls(torch.cat([m.tensor for m in masks_list], dim=0))
 
     @classmethod
@@ -84,9 +85,7 @@ class BitMasks:
     @classmethod
     def from_rles(cls, rles: List[Dict[str, Any]], height: int, width: int) -> "BitMasks":
         """Decode a list of COCO RLE dicts into (N, height, width) masks."""
-        if not rles:
-            return cls(torch.zeros((0, height, width), dtype=torch.bool))
-        return cls(torch.stack([rle_to_bitmask(r, height, width) for r in rles]))
+        return cls(rles_to_bitmasks(rles, height, width).contiguous())
 
     def area(self) -> Tensor:
         """(N,) int64 number of foreground pixels."""
@@ -115,31 +114,58 @@ class BitMasks:
         boxes[~self.nonempty()] = 0
         return Boxes(boxes)
 
-    def crop_and_resize(self, boxes: Tensor, mask_size: int) -> Tensor:
-        """Crop mask i to box i and resize to ``mask_size`` x ``mask_size`` with RoIAlign.
+    def crop_and_resize(self, boxes: Union[Tensor, Boxes], mask_size: int,
+                        mask_indices: Optional[Tensor] = None) -> Tensor:
+        """Mask-head targets: mask i inside box i, resampled to M x M and binarised.
+
+        Aligned RoIAlign (pixel ``(i, j)`` is the sample at its centre ``(j + 0.5, i + 0.5)``)
+        averages the 0/1 mask over each of the M x M bins, and the result is thresholded at 0.5.
+        The targets are thus 0/1 like :meth:`PolygonMasks.crop_and_resize`, so a batch whose
+        images carry different mask types trains on targets of one kind (Mask R-CNN section 3
+        rasterises the target; Detectron2 thresholds the same way).
+
+        Only the region around each group of nearby boxes is converted to float, so the cost
+        follows the box sizes rather than N x H x W (mask heads pass one mask per positive RoI).
 
         Args:
-            boxes: (N, 4) XYXY boxes (Tensor or ``Boxes``), one per mask.
+            boxes: (N, 4) XYXY absolute boxes (Tensor or ``Boxes``), one per mask.
             mask_size: output side M.
+            mask_indices: (N,) int64: box i takes mask ``mask_indices[i]`` (e.g. the GT
+                matched to each RoI) without copying full-size masks; default box i, mask i.
 
         Returns:
-            (N, M, M) float in [0, 1] (RoIAlign with ``aligned=True`` of the 0/1 mask).
+            (N, M, M) float32 of 0/1 values, on ``self.device``.
         """
-        boxes = boxes.tensor if isinstance(boxes, Boxes) else boxes
-        if boxes.shape != (len(self), 4):
-            raise ValueError(f"BitMasks.crop_and_resize: boxes must have shape ({len(self)}, 4), "
-                             f"got {tuple(boxes.shape)}")
-        boxes = boxes.to(device=self.device, dtype=torch.float32)
-        outs = []
-        for s in range(0, len(self), _CROP_CHUNK):
-            masks = self.tensor[s:s + _CROP_CHUNK, None].float()
-            k = masks.shape[0]
-            rois = torch.cat([torch.arange(k, device=self.device, dtype=torch.float32)[:, None],
-                              boxes[s:s + k]], dim=1)
-            outs.append(roi_align(masks, rois, (mask_size, mask_size), 1.0, 0, True)[:, 0])
-        if not outs:
-            return torch.zeros((0, mask_size, mask_size), dtype=torch.float32, device=self.device)
-        return torch.cat(outs, dim=0).clamp_(0, 1)
+        boxes = _crop_boxes(self, boxes, mask_indices).to(device=self.device, dtype=torch.float32)
+        return (crop_masks(self.tensor, boxes, mask_size, mask_indices) >= 0.5).float()
+
+
+def _crop_boxes(masks: Any, boxes: Union[Tensor, Boxes],
+                mask_indices: Optional[Tensor]) -> Tensor:
+    """The (N, 4) box tensor of ``crop_and_resize``, checked against the masks / indices."""
+    boxes = boxes.tensor if isinstance(boxes, Boxes) else boxes
+    name = f"{type(masks).__name__}.crop_and_resize"
+    if mask_indices is None:
+        n, what = len(masks), "one per mask"
+    else:
+        n, what = len(mask_indices), "one per mask index"
+        in_range = n == 0 or (int(mask_indices.min()) >= 0 and int(mask_indices.max()) < len(masks))
+        if mask_indices.dim() != 1 or not in_range:
+            raise ValueError(f"{name}: mask_indices must be a (N,) tensor of indices into the "
+                             f"{len(masks)} masks, got {mask_indices!r:.100}")
+    if boxes.shape != (n, 4):
+        raise ValueError(f"{name}: boxes must have shape ({n}, 4) XYXY, {what}, "
+                         f"got {tuple(boxes.shape)}")
+    return boxes
+
+
+def _check_cat(cls: type, masks_list: List[Any]) -> None:
+    """Reject elements of another type: the two mask types do not concatenate."""
+    for m in masks_list:
+        if not isinstance(m, cls):
+            raise TypeError(f"{cls.__name__}.cat: every element must be {cls.__name__}, got "
+                            f"{type(m).__name__} (convert PolygonMasks with "
+                            f"BitMasks.from_polygon_masks to mix them)")
 
 
 def _check_polygons(polygons: Any) -> List[List[np.ndarray]]:
@@ -211,6 +237,8 @@ class PolygonMasks:
 
     @classmethod
     def cat(cls, masks_list: List["PolygonMasks"]) -> "PolygonMasks":
+        """Concatenate PolygonMasks; an empty list gives 0 instances."""
+        _check_cat(cls, masks_list)
         return cls([p for m in masks_list for p in m.polygons])
 
     def area(self) -> Tensor:
@@ -241,7 +269,8 @@ class PolygonMasks:
                 boxes[i] = torch.from_numpy(np.concatenate([xy.min(0), xy.max(0)]).astype(np.float32))
         return Boxes(boxes)
 
-    def crop_and_resize(self, boxes: Tensor, mask_size: int) -> Tensor:
+    def crop_and_resize(self, boxes: Union[Tensor, Boxes], mask_size: int,
+                        mask_indices: Optional[Tensor] = None) -> Tensor:
         """Rasterise instance i inside box i at ``mask_size`` x ``mask_size``.
 
         The polygons are translated to the box origin and scaled so the box spans the M x M
@@ -250,17 +279,16 @@ class PolygonMasks:
         Args:
             boxes: (N, 4) XYXY boxes (Tensor or ``Boxes``), one per instance.
             mask_size: output side M.
+            mask_indices: (N,) int64: box i takes instance ``mask_indices[i]``; default i.
 
         Returns:
             (N, M, M) float32 of 0/1 values, on ``boxes.device``.
         """
-        boxes = boxes.tensor if isinstance(boxes, Boxes) else boxes
-        if boxes.shape != (len(self), 4):
-            raise ValueError(f"PolygonMasks.crop_and_resize: boxes must have shape ({len(self)}, 4), "
-                             f"got {tuple(boxes.shape)}")
-        device = boxes.device
-        out = torch.zeros((len(self), mask_size, mask_size), dtype=torch.float32)
-        for i, (polys, box) in enumerate(zip(self.polygons, boxes.detach().cpu().double().numpy())):
+        boxes = _crop_boxes(self, boxes, mask_indices)
+        polygons = self.polygons if mask_indices is None else [
+            self.polygons[i] for i in mask_indices.tolist()]
+        out = torch.zeros((len(polygons), mask_size, mask_size), dtype=torch.float32)
+        for i, (polys, box) in enumerate(zip(polygons, boxes.detach().cpu().double().numpy())):
             x1, y1, x2, y2 = box
             sx = mask_size / max(x2 - x1, 1e-6)
             sy = mask_size / max(y2 - y1, 1e-6)
@@ -271,4 +299,4 @@ class PolygonMasks:
                 q[1::2] = (q[1::2] - y1) * sy
                 moved.append(q)
             out[i] = polygons_to_bitmask(moved, mask_size, mask_size).float()
-        return out.to(device)
+        return out.to(boxes.device)

@@ -17,7 +17,8 @@ COCOAPI_JSON = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" /
 
 
 def _load(json_path, img_dir, **kw):
-    with pytest.warns(UserWarning, match=r"dropped 2 annotation.*ids: 4, 6") as rec:
+    with pytest.warns(UserWarning, match=r"dropped 2 annotation.*2 with an empty box "
+                      r"\(w <= 0 or h <= 0\): ids 4, 6$") as rec:
         out = load_coco_json(json_path, img_dir, **kw)
     assert len(rec) == 1  # one summary warning, not one per annotation
     return out
@@ -77,6 +78,9 @@ def test_unknown_category_names_annotation_and_category(tmp_path, tiny_coco):
 def test_malformed_json_names_the_file(tmp_path, tiny_coco):
     path = tmp_path / "broken.json"
     path.write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"malformed JSON in .*broken.json"):
+        load_coco_json(str(path), tiny_coco[1])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")  # an image passed as the json
     with pytest.raises(ValueError, match=r"malformed JSON in .*broken.json"):
         load_coco_json(str(path), tiny_coco[1])
     path.write_text('{"annotations": []}')
@@ -141,11 +145,13 @@ def test_real_coco_subset_matches_pycocotools(tmp_path):
         warnings.simplefilter("error")  # real COCO annotations have nothing to drop
         records, meta = load_coco_json(str(COCOAPI_JSON), str(tmp_path))
     coco = COCO(str(COCOAPI_JSON))
-    assert len(records) == 100
-    assert sum(len(r["annotations"]) for r in records) == 839
-    assert len(meta["thing_classes"]) == 80
-    assert sum(a["iscrowd"] for r in records for a in r["annotations"]) == 9
+    # every image and every annotation of the file is kept, crowd regions included
+    assert len(records) == len(coco.imgs) == 100
+    assert sum(len(r["annotations"]) for r in records) == len(coco.anns)
+    assert sum(a["iscrowd"] for r in records for a in r["annotations"]) == sum(
+        a["iscrowd"] for a in coco.anns.values()) > 0
     cat_ids = sorted(coco.getCatIds())
+    assert len(meta["thing_classes"]) == len(cat_ids) == 80
     assert meta["thing_classes"] == [coco.cats[c]["name"] for c in cat_ids]
     for r in records:
         ref_ids = sorted(coco.getAnnIds(imgIds=r["image_id"]))
@@ -164,10 +170,17 @@ def test_real_coco_subset_matches_pycocotools(tmp_path):
     (lambda d: d["annotations"][0].pop("id"), r"annotations\[0\] lacks id"),
     (lambda d: d["annotations"][1].update(id=1), r"duplicate annotation ids, e.g. \[1\]"),
     (lambda d: d["images"][1].update(id=10), r"duplicate image ids"),
+    (lambda d: d["categories"][1].update(id=7), r"duplicate category ids"),
     (lambda d: d["images"][0].update(height=0), r"image id 10 needs positive integer"),
     (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation id 1 .*bbox must be"),
     (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4, 5, 6, 7]]),
      r"annotation id 1 .*odd number"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, "3", None]),
+     r"annotation id 1 .*bbox \[x, y, w, h\] values must be finite numbers"),
+    (lambda d: d["annotations"][6].update(bbox=[2, 20, float("nan"), 20]),
+     r"annotation id 7 \(image id 12\).*must be finite numbers"),
+    (lambda d: d["annotations"][0].update(segmentation=[[10, 4, 30, 4, "x", 16]]),
+     r"annotation id 1 .*polygon coordinates must be finite numbers"),
 ])
 def test_structural_errors_name_file_and_id(tmp_path, tiny_coco, edit, message):
     data = tiny_coco_dict()
@@ -184,11 +197,29 @@ def test_degenerate_polygons_are_dropped(tmp_path, tiny_coco):
     data["annotations"][6]["segmentation"] = [[2, 20, 12, 20]]  # only a 2-point "polygon"
     path = tmp_path / "degenerate.json"
     path.write_text(json.dumps(data))
-    with pytest.warns(UserWarning, match=r"dropped 3 annotation.*ids: 4, 6, 7"):
+    with pytest.warns(UserWarning, match=r"dropped 3 annotation.*2 with an empty box.*ids 4, 6; "
+                      r"1 with only degenerate polygons.*ids 7$"):
         records, _ = load_coco_json(str(path), tiny_coco[1])
     ann1 = next(a for a in records[0]["annotations"] if a["id"] == 1)
     assert ann1["segmentation"] == [[10, 4, 30, 4, 30, 16]]
     assert records[2]["annotations"] == []
+
+
+def test_dropped_boxes_are_named_by_reason(tmp_path, tiny_coco):
+    """Empty boxes, boxes entirely outside the image and degenerate polygons are told apart."""
+    data = tiny_coco_dict()
+    data["annotations"][6]["bbox"] = [25, 20, 10, 20]  # image 12 is 20 wide: x from 25
+    data["annotations"][0]["segmentation"] = [[10, 4, 30, 4]]
+    path = tmp_path / "reasons.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning) as rec:
+        records, _ = load_coco_json(str(path), tiny_coco[1])
+    (message,) = [str(w.message) for w in rec]
+    assert message == (f"{path}: dropped 4 annotation(s) that mark no object; "
+                       "1 with only degenerate polygons (fewer than 3 points): ids 1; "
+                       "2 with an empty box (w <= 0 or h <= 0): ids 4, 6; "
+                       "1 with a box entirely outside its image: ids 7")
+    assert sorted(a["id"] for r in records for a in r["annotations"]) == [2, 3, 5]
 
 
 def test_label_map_category_id_keeps_id_gaps(tiny_coco):

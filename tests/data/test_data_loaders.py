@@ -1,5 +1,6 @@
 """Samplers, loaders and catalogs: determinism, sharding, aspect grouping, errors."""
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -101,8 +102,11 @@ def test_train_loader_filters_empty_and_raises_on_bad_images(shapes, tmp_path):
                                 aspect_ratio_grouping=False)
     ids = {d["image_id"] for b in _take(iter(loader), 6) for d in b}
     assert ids == {shapes[2]["image_id"], shapes[3]["image_id"]}
-    with pytest.raises(ValueError, match="filter_empty"):
-        build_train_loader([empty], mapper, 1)
+    with pytest.raises(ValueError, match=r"none of the 2 training images has a non-crowd "
+                                         r"annotation \(e.g. .*png, .*png\).*filter_empty=True"):
+        build_train_loader([empty, crowd_only], mapper, 1)
+    with pytest.raises(ValueError, match="has no images"):
+        build_train_loader([], mapper, 1)
     broken = dict(shapes[0], file_name=str(tmp_path / "gone.png"))
     for workers in (0, 1):  # a worker's error reaches the main process with its type
         it = iter(build_train_loader([broken], mapper, 1, num_workers=workers))
@@ -111,6 +115,24 @@ def test_train_loader_filters_empty_and_raises_on_bad_images(shapes, tmp_path):
         # stop the worker now: left to the garbage collector (the traceback holds the
         # iterator in a cycle) torch's shutdown waits out a 5 s timeout
         getattr(it, "_shutdown_workers", lambda: None)()
+
+
+def test_records_reach_workers_through_shared_memory(shapes):
+    """Workers get the records as one shared tensor, not as a pickled copy of the list: under
+    spawn/forkserver the dataset is pickled per worker (torch's reductions share tensors)."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    from segkit.data import MapDataset
+
+    records = [dict(shapes[i % len(shapes)], image_id=i) for i in range(2000)]
+    dataset = MapDataset(records, DatasetMapper(False, 64, 200))
+    plain = len(pickle.dumps(records))
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(dataset)
+    assert len(buf.getvalue()) < plain / 50, (len(buf.getvalue()), plain)
+    clone = pickle.loads(buf.getvalue())
+    assert clone._records[1999] == records[1999] and len(clone) == 2000
 
 
 def test_test_loader_keeps_dataset_order(shapes):
@@ -130,6 +152,7 @@ def test_mapper_without_rng_argument_gets_seeded_globals_and_main_state_is_kept(
     draw = [[d["r"] for b in _take(iter(build_train_loader(shapes, mapper, 2, num_workers=w)), 3)
              for d in b] for w in (0, 2)]
     assert draw[0] == draw[1]
+    assert len(set(draw[0])) == len(draw[0])  # seeded per sample, not one seed for all
     assert torch.equal(torch.get_rng_state(), state)
     np.testing.assert_array_equal(np.random.get_state()[1], np_state)
 

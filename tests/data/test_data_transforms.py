@@ -93,6 +93,23 @@ def test_random_flip_probability_and_apply_augmentations():
         RandomFlip(1.5)
 
 
+def test_flip_of_the_image_is_a_view_and_masks_are_contiguous():
+    """The flip adds no copy of the image (the mapper's CHW copy is the only one), while masks
+    come back C-contiguous bool, as torch.from_numpy needs."""
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    flipped = HFlipTransform(6).apply_image(image)
+    assert np.shares_memory(flipped, image)
+    np.testing.assert_array_equal(flipped, image[:, ::-1])
+    resized = ResizeTransform(4, 6, 8, 12).apply_image(flipped)  # works on the strided view
+    np.testing.assert_array_equal(resized, ResizeTransform(4, 6, 8, 12).apply_image(
+        np.ascontiguousarray(image[:, ::-1])))
+    masks = np.zeros((2, 4, 6), np.uint8)
+    masks[:, 1:3, :2] = 1
+    out = TransformList([HFlipTransform(6), ResizeTransform(4, 6, 4, 6)]).apply_masks(masks)
+    assert out.dtype == bool and out.flags.c_contiguous and out[:, 1:3, 4:].all()
+    assert out.sum() == 8
+
+
 def test_masks_with_no_instances_keep_the_output_size():
     t = ResizeTransform(40, 60, 20, 30)
     assert t.apply_masks(np.zeros((0, 40, 60), bool)).shape == (0, 20, 30)

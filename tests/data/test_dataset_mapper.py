@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from coco_samples import rle_of
+
 from segkit.data import DatasetMapper, ImageReadError, load_coco_json, read_image
-from segkit.structures import BitMasks, Boxes, Instances, PolygonMasks
+from segkit.structures import BitMasks, Boxes, Instances, PolygonMasks, polygons_to_bitmask
 
 
 @pytest.fixture
@@ -126,7 +128,12 @@ def test_corrupt_truncated_and_missing_images_name_the_file(tmp_path, records):
 
 def test_size_mismatch_names_the_file(records):
     rec = dict(records[0], height=41)
-    with pytest.raises(ValueError, match=r"a.png: decoded image is 40x60.*says 41x60"):
+    with pytest.raises(ValueError, match=r"a.png: decoded image is 40x60.*says 41x60$"):
+        DatasetMapper(False, 20, 1000)(rec)
+    # the size of the stored, unrotated pixels: the message points at the EXIF orientation
+    rec = dict(records[0], height=60, width=40)
+    with pytest.raises(ValueError, match=r"a.png: decoded image is 40x60.*says 60x40; height "
+                                         r"and width are swapped.*EXIF orientation"):
         DatasetMapper(False, 20, 1000)(rec)
 
 
@@ -143,6 +150,45 @@ def test_exif_orientation_and_grayscale(tmp_path):
     assert arr[:10].mean() > 200 and arr[-10:].mean() < 50  # left strip is now at the top
     rec = {"file_name": path, "image_id": 1, "height": 40, "width": 20, "annotations": []}
     assert DatasetMapper(False, 20, 1000)(rec)["image"].shape == (3, 40, 20)
+
+
+def test_polygon_and_rle_images_give_the_same_targets(records):
+    """One batch can hold PolygonMasks (a polygon-only image) and BitMasks (an image with RLE):
+    the same object gives the same boxes and, up to rasterisation, the same mask targets."""
+    rec = records[0]
+    poly_ann = next(a for a in rec["annotations"] if a["id"] == 1)  # polygon [10,4,30,16]
+    rle_ann = next(a for a in rec["annotations"] if a["id"] == 2)  # the same box as an RLE
+    # scale 2: the object's edges stay on pixel edges, so the bit mask holds it exactly and
+    # only the crop (RoIAlign + threshold vs. rasterising in the box) can differ
+    mapper = DatasetMapper(True, [80], 1000, flip_prob=1.0)
+    insts = [mapper(dict(rec, annotations=[a]), rng=np.random.default_rng(0))["instances"]
+             for a in (poly_ann, rle_ann)]
+    assert isinstance(insts[0].gt_masks, PolygonMasks) and isinstance(insts[1].gt_masks, BitMasks)
+    torch.testing.assert_close(insts[0].gt_boxes.tensor, insts[1].gt_boxes.tensor)
+    torch.testing.assert_close(insts[0].gt_boxes.tensor, torch.tensor([[60.0, 8, 100, 32]]))
+    for shift in ([-2.0, -1.5, 1.0, 2.5], [3.3, 2.7, -4.1, 0.6], [-7.9, 0.2, 9.4, -3.3]):
+        box = insts[0].gt_boxes.tensor + torch.tensor(shift)  # a proposal around the object
+        targets = [i.gt_masks.crop_and_resize(box, 14) for i in insts]
+        for t in targets:
+            assert set(t.unique().tolist()) <= {0.0, 1.0}
+        assert (targets[0] != targets[1]).sum() <= 2, shift  # rasteriser ties at most
+
+
+def test_rle_masks_follow_resize_and_flip(records):
+    """Several RLE masks decoded together land where the transformed polygons rasterise."""
+    rec = dict(records[0], annotations=[
+        {"bbox": [10, 4, 20, 12], "category_id": 0, "iscrowd": 0, "id": 1, "area": 1.0,
+         "segmentation": rle_of(polygons_to_bitmask([[10, 4, 30, 4, 30, 16]], 40, 60).numpy())},
+        {"bbox": [35, 20, 20, 15], "category_id": 1, "iscrowd": 0, "id": 2, "area": 1.0,
+         "segmentation": rle_of(polygons_to_bitmask([[35, 20, 55, 20, 45, 35]], 40, 60).numpy())},
+    ])
+    inst = DatasetMapper(True, [80], 1000, flip_prob=1.0)(rec, rng=np.random.default_rng(0))[
+        "instances"]
+    assert inst.gt_masks.tensor.shape == (2, 80, 120)
+    for mask, poly in zip(inst.gt_masks.tensor, ([[10, 4, 30, 4, 30, 16]], [[35, 20, 55, 20, 45, 35]])):
+        flipped = [[120 - 2 * v if k % 2 == 0 else 2 * v for k, v in enumerate(p)] for p in poly]
+        direct = polygons_to_bitmask(flipped, 80, 120)
+        assert (mask ^ direct).sum() <= 0.1 * direct.sum(), (mask.sum(), direct.sum())
 
 
 def test_masks_stay_aligned_on_the_embedded_dataset(tmp_path):

@@ -69,6 +69,29 @@ def test_aborted_generation_leaves_nothing(tmp_path, monkeypatch):
     assert calls == ["train"] and os.listdir(tmp_path) == []
 
 
+def test_concurrent_run_moving_the_stale_copy_first(tmp_path, monkeypatch):
+    """Two runs replace the same stale dataset: the one that finds it already moved aside
+    still puts a complete dataset in place instead of failing."""
+    root = str(tmp_path / "emb")
+    emb.ensure_embedded(root, **SMALL)
+    manifest = os.path.join(root, "manifest.json")
+    stale = dict(json.load(open(manifest)), version=emb.VERSION - 1)
+    json.dump(stale, open(manifest, "w"))
+    real_replace = os.replace
+
+    def racing_replace(src, dst):
+        if src == root and dst.endswith(".stale"):  # the other run got there first
+            real_replace(root, str(tmp_path / "moved-by-the-other-run"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(emb.os, "replace", racing_replace)
+    assert emb.ensure_embedded(root, **SMALL) == root
+    monkeypatch.undo()
+    assert json.load(open(manifest))["version"] == emb.VERSION
+    assert emb._manifest_ok(root, dict(SMALL, num_train_images=6))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".emb")]
+
+
 def test_refuses_to_replace_a_foreign_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="not a segkit embedded dataset"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
-from segkit.layers import mask_ops, paste_masks_in_image
+from segkit.layers import crop_masks, mask_ops, paste_masks_in_image, roi_align
 
 
 def _smooth_masks(n, m=28, seed=0):
@@ -91,6 +91,46 @@ def test_chunking_does_not_change_result(monkeypatch):
     monkeypatch.setattr(mask_ops, "_PIXEL_BUDGET", 500)  # forces one mask per chunk
     assert len(mask_ops._chunks(mask_ops._pixel_extents(boxes, h, w))) == 12
     assert torch.equal(paste_masks_in_image(masks, boxes, (h, w)), ref)
+
+
+def test_chunks_budget_and_waste():
+    """Groups are consecutive, cover every item once, and respect both limits."""
+    extents = torch.tensor([[0, 0, 10, 10], [2, 2, 12, 12], [100, 100, 110, 110],
+                            [101, 99, 111, 109], [0, 0, 0, 0]])
+    # 5 x 111 x 110 pixels fit the default budget: one group
+    assert mask_ops._chunks(extents) == [(0, 5, [0, 0, 111, 110])]
+    # max_waste=2: items 0+1 cost 2 x 144 <= 2 x 200; adding item 2 would cost 3 x 110 x 110
+    assert mask_ops._chunks(extents, max_waste=2.0) == [
+        (0, 2, [0, 0, 12, 12]), (2, 4, [100, 99, 111, 110]), (4, 5, [0, 0, 0, 0])]
+    # a budget of 150 pixels holds one 10 x 10 item but not two
+    assert [g[:2] for g in mask_ops._chunks(extents, budget=150)] == [
+        (0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+
+
+def test_crop_masks_equals_full_image_roi_align(monkeypatch):
+    """Cropping each group of boxes to its region changes nothing, boxes beyond the image
+    border (where RoIAlign clamps or reads zeros), inverted and tiny boxes included."""
+    g = torch.Generator().manual_seed(0)
+    h, w = 90, 120
+    masks = F.interpolate(torch.rand(40, 1, 6, 8, generator=g), size=(h, w), mode="bilinear")
+    masks = masks[:, 0] > 0.5
+    masks[1:5] = True  # full masks, so that the out-of-image boxes below test the borders
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([w + 20.0, h + 20.0]) - 10
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 60 + 0.3], dim=1)
+    boxes[0] = torch.tensor([50.0, 40.0, 20.0, 10.0])       # inverted
+    boxes[1] = torch.tensor([-30.0, -20.0, -2.4, -1.0])     # entirely left of / above the image
+    boxes[2] = torch.tensor([w - 0.4, 10.0, w + 9.0, 30.0])  # first samples clamp to column w-1
+    boxes[3] = torch.tensor([w + 0.3, 10.0, w + 9.0, 30.0])  # every sample beyond the border
+    boxes[4] = torch.tensor([-0.2, h - 3.0, 15.0, h + 4.0])  # straddles two borders
+    rois = torch.cat([torch.arange(40, dtype=torch.float32)[:, None], boxes], dim=1)
+    ref = roi_align(masks[:, None].float(), rois, (14, 14), 1.0, 0, True)[:, 0]
+    # the border cases are live: RoIAlign clamps in (-1, 0] and [w - 1, w], zero beyond
+    assert ref[1].sum() == 0 and ref[2, :, 0].min() == 1 and ref[2, :, 1:].sum() == 0
+    assert ref[3].sum() == 0 and 0 < ref[4].mean() < 1
+    for waste in (2.0, 1.0, float("inf")):  # default, about one group per box, one group
+        monkeypatch.setattr(mask_ops, "_CROP_MAX_WASTE", waste)
+        torch.testing.assert_close(crop_masks(masks, boxes, 14), ref, atol=1e-5, rtol=0)
+    assert crop_masks(masks[:0], boxes[:0], 14).shape == (0, 14, 14)
 
 
 def test_empty_degenerate_and_outside_boxes():

@@ -76,9 +76,12 @@ def test_cat_concatenates_every_field():
 
 
 def test_to_moves_fields():
-    out = _make(2).to("cpu")
-    assert out.gt_boxes.device.type == "cpu" and out.names == ["obj0", "obj1"]
-    assert "num_instances=2" in repr(out)
+    inst = _make(2)
+    out = inst.to("meta")  # a real move without a GPU: tensors and Boxes go, the rest stays
+    assert out.gt_boxes.device.type == "meta" and out.gt_classes.device.type == "meta"
+    assert inst.gt_boxes.device.type == "cpu"  # a new Instances; the original is unchanged
+    assert out.names == ["obj0", "obj1"] and out.gt_masks is inst.gt_masks
+    assert out.image_size == (30, 40) and "num_instances=2" in repr(out)
 
 
 def test_pickle_and_deepcopy_roundtrip():

@@ -4,8 +4,9 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
+from segkit.layers import crop_masks, roi_align
 from segkit.structures import (BitMasks, Boxes, PolygonMasks, pairwise_iou, polygons_to_bitmask,
-                               rle_to_bitmask, xywh_to_xyxy)
+                               rle_to_bitmask, rles_to_bitmasks, xywh_to_xyxy)
 
 H, W = 64, 80
 
@@ -82,6 +83,59 @@ def test_crop_and_resize_bitmask_and_polygon_agree():
             assert _mask_iou(a[i] >= 0.5, b[i] >= 0.5) > 0.9, (i, boxes[i])
 
 
+def _full_roi_align(masks, boxes, m):
+    """Reference: aligned RoIAlign over the whole float masks, one roi per mask."""
+    rois = torch.cat([torch.arange(len(boxes), dtype=torch.float32)[:, None], boxes], dim=1)
+    return roi_align(masks[:, None].float(), rois, (m, m), 1.0, 0, True)[:, 0]
+
+
+def test_bitmask_targets_are_the_thresholded_roi_align():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, 9, 12, generator=g)
+    masks = torch.nn.functional.interpolate(masks[:, None], size=(H, W), mode="bilinear")[:, 0] > 0.5
+    xy = torch.rand(12, 2, generator=g) * torch.tensor([W - 10.0, H - 10.0])
+    boxes = torch.cat([xy, xy + torch.rand(12, 2, generator=g) * 40 + 2], dim=1)
+    ref = _full_roi_align(masks, boxes, 14)
+    hard = BitMasks(masks).crop_and_resize(Boxes(boxes), 14)
+    clear = (ref - 0.5).abs() > 1e-4  # float rounding may tip values that sit at 0.5
+    assert clear.float().mean() > 0.9
+    assert torch.equal(hard[clear], (ref >= 0.5).float()[clear])
+    assert set(hard.unique().tolist()) == {0.0, 1.0}
+
+
+def test_crop_and_resize_targets_are_binary_for_both_types():
+    """A batch may mix PolygonMasks and BitMasks (an image with RLE masks gives BitMasks): both
+    give 0/1 targets, so the mask loss sees the same kind of target whatever the type."""
+    polys = PolygonMasks(SHAPES)
+    bit = BitMasks.from_polygon_masks(polys, H, W)
+    boxes = polys.get_bounding_boxes().tensor + torch.tensor([-2.3, -1.7, 3.1, 2.9])
+    for masks in (polys, bit):
+        out = masks.crop_and_resize(boxes, 28)
+        assert out.dtype == torch.float32 and set(out.unique().tolist()) == {0.0, 1.0}
+    soft = _full_roi_align(bit.tensor, boxes, 28)
+    assert ((soft > 0) & (soft < 1)).any()  # the binarisation is not a no-op on these shapes
+
+
+def test_crop_and_resize_with_mask_indices_equals_indexing_first():
+    """mask_indices (the GT matched to each RoI) gives what indexing the masks first gives,
+    without the full-size copies."""
+    polys = PolygonMasks(SHAPES)
+    bit = BitMasks.from_polygon_masks(polys, H, W)
+    idx = torch.tensor([2, 0, 2, 3, 3, 1, 0])
+    boxes = polys.get_bounding_boxes().tensor[idx] + torch.randn(7, 4, generator=torch.Generator(
+    ).manual_seed(0))
+    for masks in (polys, bit):
+        out = masks.crop_and_resize(boxes, 14, mask_indices=idx)
+        assert out.shape == (7, 14, 14)
+        assert torch.equal(out, masks[idx].crop_and_resize(boxes, 14))
+        with pytest.raises(ValueError, match=r"boxes must have shape \(7, 4\) XYXY, one per "
+                                             r"mask index, got \(4, 4\)"):
+            masks.crop_and_resize(boxes[:4], 14, mask_indices=idx)
+        with pytest.raises(ValueError, match="mask_indices must be a .* into the 4 masks"):
+            masks.crop_and_resize(boxes[:1], 14, mask_indices=torch.tensor([4]))
+    assert bit.crop_and_resize(torch.zeros(0, 4), 14, mask_indices=idx[:0]).shape == (0, 14, 14)
+
+
 def test_crop_and_resize_hand_case():
     mask = torch.zeros(1, 20, 20, dtype=torch.bool)
     mask[0, 4:12, 4:8] = True  # left half of the box [4, 4, 12, 12]
@@ -118,6 +172,24 @@ def test_polygon_validation():
         PolygonMasks([[[0, 0, 1, 0, 1, 1], [0, 0, 1, 1, 2]]])
     with pytest.raises(TypeError, match="instance 0 must be a list"):
         PolygonMasks([np.zeros(6)])
+    # pycocotools would rasterise a 4-number "polygon" as an XYWH box
+    with pytest.raises(ValueError, match="polygon 0 has 4 coordinates"):
+        polygons_to_bitmask([[1.0, 1.0, 5.0, 5.0]], 10, 10)
+    with pytest.raises(ValueError, match="polygon 1 has 7 coordinates"):
+        polygons_to_bitmask([[1.0, 1, 5, 1, 5, 5], [1.0, 1, 5, 1, 5, 5, 2]], 10, 10)
+
+
+def test_cat_rejects_mixed_types_and_sizes():
+    polys = PolygonMasks(SHAPES)
+    bit = BitMasks.from_polygon_masks(polys, H, W)
+    with pytest.raises(TypeError, match=r"BitMasks.cat: every element must be BitMasks, got "
+                                        r"PolygonMasks.*from_polygon_masks"):
+        BitMasks.cat([bit, polys])
+    with pytest.raises(TypeError, match="PolygonMasks.cat: every element must be PolygonMasks"):
+        PolygonMasks.cat([polys, bit])
+    with pytest.raises(ValueError, match=r"different image sizes \[\(32, 40\), \(64, 80\)\]"):
+        BitMasks.cat([bit, BitMasks(torch.zeros(1, 32, 40, dtype=torch.bool))])
+    assert len(PolygonMasks.cat([])) == 0
 
 
 def test_rle_decoding():
@@ -136,8 +208,14 @@ def test_rle_decoding():
     assert np.array_equal(rle_to_bitmask(uncompressed).numpy(), mask.astype(bool))
     both = BitMasks.from_rles([compressed, uncompressed], 6, 5)
     assert both.tensor.shape == (2, 6, 5) and both.area().tolist() == [9, 9]
+    assert both.tensor.is_contiguous() and torch.equal(both.tensor[1], torch.from_numpy(mask > 0))
+    many = rles_to_bitmasks([as_str, uncompressed, compressed], 6, 5)
+    assert many.dtype == torch.bool and torch.equal(many, torch.from_numpy(mask > 0).expand(3, 6, 5))
+    assert rles_to_bitmasks([], 6, 5).shape == (0, 6, 5)
     with pytest.raises(ValueError, match="differs"):
         rle_to_bitmask(compressed, 7, 5)
+    with pytest.raises(ValueError, match=r"rles_to_bitmasks: RLE size \[6, 5\] differs"):
+        rles_to_bitmasks([compressed], 5, 6)
 
 
 def test_bitmask_boxes_iou_with_polygon_boxes():
@@ -158,5 +236,9 @@ def test_crop_and_resize_on_cuda():
     ref = bit.crop_and_resize(boxes, 14)
     out = bit.to("cuda").crop_and_resize(boxes.cuda(), 14)
     assert out.device.type == "cuda"
-    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=0)
+    # the soft RoIAlign values agree; the 0/1 targets may differ only where they sit at 0.5
+    soft = crop_masks(bit.tensor.cuda(), boxes.cuda(), 14)
+    torch.testing.assert_close(soft.cpu(), crop_masks(bit.tensor, boxes, 14), atol=1e-5, rtol=0)
+    tie = (soft.cpu() - 0.5).abs() <= 1e-5
+    assert torch.equal(out.cpu()[~tie], ref[~tie])
     assert polys.crop_and_resize(boxes.cuda(), 14).device.type == "cuda"
