@@ -50,15 +50,21 @@ class DefaultAnchorGenerator(nn.Module):
             cell's top-left corner (torchvision and Detectron), 0.5 at the cell centre.
         round_base: round the cell anchors' coordinates to integers, as torchvision does
             (``round([-w, -h, w, h] / 2)``); needed to reproduce torchvision exactly.
+        num_levels: number of pyramid levels; None = ``len(strides)``, or ``len(sizes)`` when
+            ``strides`` is None. Needed to share one size list across levels of inferred stride.
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[Sequence[float]],
                  strides: Optional[Sequence[int]] = None, offset: float = 0.0,
-                 round_base: bool = False):
+                 round_base: bool = False, num_levels: Optional[int] = None):
         super().__init__()
         if not 0.0 <= offset < 1.0:
             raise ValueError(f"DefaultAnchorGenerator: offset must be in [0, 1), got {offset}")
-        num_levels = len(strides) if strides is not None else len(sizes)
+        if num_levels is None:
+            num_levels = len(strides) if strides is not None else len(sizes)
+        elif strides is not None and len(strides) != num_levels:
+            raise ValueError(f"DefaultAnchorGenerator: {len(strides)} strides for num_levels="
+                             f"{num_levels}")
         self.sizes = _broadcast_levels(sizes, num_levels, "sizes")
         self.aspect_ratios = _broadcast_levels(aspect_ratios, num_levels, "aspect_ratios")
         self.strides = None if strides is None else [int(s) for s in strides]

@@ -29,7 +29,9 @@ class Matcher:
             the highest IoU of some GT, including ties, even below the top threshold. This is
             the "highest IoU with a GT" rule of the RPN (Faster R-CNN / FPN section 5) so that
             every GT gets at least one anchor. Semantics follow torchvision: the matched GT
-            index of such a prediction stays its overall argmax GT.
+            index of such a prediction stays its overall argmax GT. A GT that overlaps no
+            prediction at all (best IoU 0, e.g. a zero-area box) has no best match; torchvision
+            and detectron2 would then make every prediction foreground, here it adds none.
     """
 
     def __init__(self, thresholds: Sequence[float], labels: Sequence[int],
@@ -96,5 +98,5 @@ class Matcher:
         a GT, and all of them are kept (as in torchvision and Detectron).
         """
         highest_per_gt, _ = match_quality_matrix.max(dim=1)
-        _, pred_inds = torch.nonzero(match_quality_matrix == highest_per_gt[:, None], as_tuple=True)
-        match_labels[pred_inds] = 1
+        is_best = (match_quality_matrix == highest_per_gt[:, None]) & (highest_per_gt[:, None] > 0)
+        match_labels[is_best.any(dim=0)] = 1

@@ -43,12 +43,19 @@ def test_low_quality_ties_hand_computed():
     assert labels.tolist() == [0, 1, 1, 1]  # both tied best of GT 0, and the best of GT 1
 
 
+def test_gt_overlapping_nothing_adds_no_low_quality_match():
+    # GT 1 (e.g. a zero-area box) has IoU 0 with every prediction: it has no best match, and
+    # must not turn every prediction into foreground through the "ties at the maximum" rule.
+    iou = torch.tensor([[0.1, 0.4, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    matches, labels = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(iou)
+    assert labels.tolist() == [0, 1, 0, 0]  # only the best of GT 0 is promoted
+    assert matches[1] == 0
+
+
 def test_empty_gt_and_empty_predictions():
     matcher = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)
     matches, labels = matcher(torch.zeros(0, 7))
-    assert matches.tolist() == [0] * 7 and labels.tolist() == [0] * 7
-    with pytest.raises(ValueError):  # torchvision refuses empty GT; we label all background
-        TVMatcher(0.7, 0.3)(torch.zeros(0, 7))
+    assert matches.tolist() == [0] * 7 and labels.tolist() == [0] * 7  # all background
     matches, labels = matcher(torch.zeros(3, 0))
     assert matches.numel() == 0 and labels.numel() == 0
 

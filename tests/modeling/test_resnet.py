@@ -5,8 +5,9 @@ import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from segkit.layers import FrozenBatchNorm2d, ShapeSpec
+from segkit.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from segkit.modeling.backbone import ResNet, convert_torchvision_resnet
+from segkit.modeling.backbone.resnet import Conv2dInplaceFrozenBN
 from segkit.registry import BACKBONES, build
 
 ALL = ["stem", "res2", "res3", "res4", "res5"]
@@ -146,3 +147,45 @@ def test_build_from_config_and_bad_values():
         ResNet(depth=18, freeze_at=6)
     with pytest.raises(ValueError, match="norm"):
         ResNet(depth=18, norm="batchnorm")
+
+
+def _random_frozen_bn(channels, gen):
+    bn = FrozenBatchNorm2d(channels)
+    bn.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+    bn.bias.copy_(torch.randn(channels, generator=gen))
+    bn.running_mean.copy_(torch.randn(channels, generator=gen))
+    bn.running_var.copy_(torch.rand(channels, generator=gen) + 0.1)
+    return bn
+
+
+def test_inplace_frozen_bn_conv_is_bitwise_conv_then_norm():
+    # The in-place path must compute exactly what Conv2d -> FrozenBatchNorm2d -> ReLU does,
+    # forward and backward, and must really run in place (that is where the memory goes).
+    gen = torch.Generator().manual_seed(0)
+    ours = Conv2dInplaceFrozenBN(4, 6, 3, padding=1, bias=False, norm=_random_frozen_bn(6, gen),
+                                 activation=torch.nn.functional.relu_)
+    ref = Conv2d(4, 6, 3, padding=1, bias=False, norm=ours.norm,
+                 activation=torch.nn.functional.relu)
+    ref.weight = ours.weight
+    x = torch.randn(2, 4, 9, 11, generator=gen, requires_grad=True)
+    out, expected = ours(x), ref(x)
+    assert torch.equal(out, expected)
+    assert out._version > 0 and expected._version == 0
+    grad = torch.randn(out.shape, generator=gen)
+    gx, gw = torch.autograd.grad(out, (x, ours.weight), grad)
+    rx, rw = torch.autograd.grad(expected, (x, ref.weight), grad)
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn", "gn"])
+def test_train_step_with_every_norm(norm):
+    # the in-place ReLU / residual add / frozen affine must leave autograd intact for each norm
+    torch.manual_seed(0)
+    model = ResNet(depth=50, norm=norm, base_channels=8, freeze_at=1).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    sum(v.square().mean() for v in out.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        again = model.eval()(torch.randn(1, 3, 64, 64))
+    assert all(torch.isfinite(v).all() for v in again.values())

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
@@ -282,3 +281,44 @@ def test_standard_roi_heads_eval_and_postprocess():
     area = ((b[2] - b[0]) * (b[3] - b[1])).item() / 4
     assert abs(out.pred_masks[0].sum().item() - area) <= 2 * (b[2] - b[0] + b[3] - b[1]).item() / 2 + 4
     assert torch.equal(det.pred_boxes.tensor, dets[0].pred_boxes.tensor)  # input untouched
+
+
+def test_mask_branch_trains_on_sampled_foreground_only():
+    # Mask R-CNN section 3: L_mask is defined on positive RoIs only, on the GT class channel.
+    torch.manual_seed(0)
+    heads = _roi_heads().train()
+    gen = torch.Generator().manual_seed(6)
+    size = (64, 96)
+    gt = _gt(size, torch.tensor([[10.0, 8.0, 40.0, 50.0], [50.0, 10.0, 90.0, 40.0]]),
+             torch.tensor([1, 2]))
+    props = [Instances(size, proposal_boxes=Boxes(_random_boxes(60, 64, 96, gen)))]
+    seen = []
+    heads.mask_head.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    sampled, losses = heads(ImageList(torch.zeros(1, 3, 64, 96), [size]),
+                            _features(1, 64, 96, gen), props, [gt])
+    fg = sampled[0].gt_classes < K
+    assert 0 < fg.sum() < len(sampled[0]) and len(seen) == 1
+    logits = seen[0]
+    assert logits.shape[0] == fg.sum()  # background RoIs never reach the mask head
+    targets = gt.gt_masks[sampled[0].gt_index[fg]].crop_and_resize(
+        sampled[0].proposal_boxes.tensor[fg], 28)
+    expected = mask_rcnn_loss(logits, sampled[0].gt_classes[fg], targets)
+    assert torch.allclose(losses["loss_mask"], expected)
+
+
+def test_eval_with_an_image_without_proposals():
+    torch.manual_seed(0)
+    heads = _roi_heads(score_thresh_test=0.0).eval()
+    gen = torch.Generator().manual_seed(7)
+    sizes = [(64, 96), (48, 64)]
+    props = [Instances(sizes[0], proposal_boxes=Boxes(torch.zeros(0, 4))),
+             Instances(sizes[1], proposal_boxes=Boxes(_random_boxes(10, 48, 64, gen, 4)))]
+    with torch.no_grad():
+        dets, _ = heads(ImageList(torch.zeros(2, 3, 64, 96), sizes), _features(2, 64, 96, gen),
+                        props)
+    assert len(dets[0]) == 0 and dets[0].pred_masks.shape == (0, 28, 28)
+    assert len(dets[1]) > 0 and dets[1].pred_masks.shape == (len(dets[1]), 28, 28)
+    with torch.no_grad():  # no proposal in the whole batch
+        dets, _ = heads(ImageList(torch.zeros(1, 3, 64, 96), sizes[:1]),
+                        _features(1, 64, 96, gen), props[:1])
+    assert len(dets[0]) == 0 and dets[0].pred_boxes.tensor.shape == (0, 4)

@@ -131,7 +131,18 @@ def test_label_anchors_sampling_and_loss_options():
     labels, matched = ours.label_anchors(anchors, gt)
     assert labels.shape == (1, anchors.shape[0]) and matched.shape == (1, anchors.shape[0], 4)
     assert (labels == 1).sum() <= 16 and (labels >= 0).sum() == 64
-    assert ours.smooth_l1_beta == 0.0 and ours.loss_weight["loss_rpn_loc"] == 2.0
+    # the weights scale the losses; "l1" means beta 0 whatever smooth_l1_beta says
+    plain = RPN(SHAPES, batch_size_per_image=64, positive_fraction=0.25, smooth_l1_beta=0.0)
+    plain.load_state_dict(ours.state_dict())
+    images = ImageList(torch.zeros(2, 3, H, W), IMAGE_SIZES)
+    gt = [Instances(s, gt_boxes=Boxes(g)) for s, g in zip(IMAGE_SIZES, _gt())]
+    torch.manual_seed(0)
+    _, weighted = ours.train()(images, _features(), gt)
+    torch.manual_seed(0)
+    _, ref = plain.train()(images, _features(), gt)
+    torch.testing.assert_close(weighted["loss_rpn_loc"], 2 * ref["loss_rpn_loc"])
+    torch.testing.assert_close(weighted["loss_rpn_cls"], ref["loss_rpn_cls"])
+    assert RPN(SHAPES, box_reg_loss="l1", smooth_l1_beta=0.5).smooth_l1_beta == 0.0
 
 
 def test_train_mode_requires_gt():

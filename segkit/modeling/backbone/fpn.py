@@ -153,9 +153,10 @@ class FPN(nn.Module):
             if prev is not None:
                 # Up-sample to the lateral's exact size: odd sizes make "x2" off by one.
                 top_down = F.interpolate(prev, size=lateral.shape[-2:], mode="nearest")
-                lateral = lateral + top_down
+                # In place: the lateral conv's fresh output is not saved by autograd.
+                lateral += top_down
                 if self.fuse_type == "avg":
-                    lateral = lateral / 2
+                    lateral /= 2
             prev = lateral
             results.insert(0, getattr(self, f"fpn_output{stage}")(prev))
         outputs = {f"p{s}": r for s, r in zip(self.stages, results)}

@@ -5,14 +5,14 @@ Faster R-CNN with FPN (papers.md section 5) when the ROI heads have no mask head
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from segkit.modeling.postprocess import postprocess_batch
 from segkit.registry import BACKBONES, META_ARCHS, PROPOSAL_GENERATORS, ROI_HEADS, Child
-from segkit.structures import ImageList, Instances
+from segkit.structures import ImageList
 
 __all__ = ["TwoStageDetector"]
 
@@ -90,7 +90,8 @@ class TwoStageDetector(nn.Module):
             img = img.to(self.device, dtype=torch.float32)
             if self.input_format == "BGR":
                 img = img.flip(0)
-            images.append((img - self.pixel_mean) / self.pixel_std)
+            # div_ on the fresh difference: one image-sized temporary fewer
+            images.append((img - self.pixel_mean).div_(self.pixel_std))
         divisibility = int(getattr(self.backbone, "size_divisibility", 0))
         return ImageList.from_tensors(images, size_divisibility=divisibility)
 

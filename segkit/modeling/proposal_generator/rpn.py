@@ -84,13 +84,13 @@ class RPN(nn.Module):
             raise ValueError(f"rpn: box_reg_loss must be 'smooth_l1' or 'l1', got {box_reg_loss!r}")
         self.in_features = in_features
         strides = None if anchor_stride_from_image else [input_shape[f].stride for f in in_features]
-        sizes = _per_level(anchor_sizes, len(in_features))
-        if len(sizes) != len(in_features):
-            raise ValueError(f"rpn: anchor_sizes has {len(sizes)} levels but in_features "
-                             f"{in_features} has {len(in_features)}; give one list per level")
+        if len(anchor_sizes) not in (1, len(in_features)):
+            raise ValueError(f"rpn: anchor_sizes has {len(anchor_sizes)} levels but in_features "
+                             f"{in_features} has {len(in_features)}; give one list per level "
+                             f"(or a single list shared by all)")
         self.anchor_generator = DefaultAnchorGenerator(
-            sizes, aspect_ratios, strides=strides, offset=anchor_offset,
-            round_base=anchor_round_base)
+            anchor_sizes, aspect_ratios, strides=strides, offset=anchor_offset,
+            round_base=anchor_round_base, num_levels=len(in_features))
         num_anchors = self.anchor_generator.num_anchors_per_location
         if len(set(num_anchors)) != 1:
             raise ValueError(f"rpn: every level needs the same number of anchors per location "
@@ -247,9 +247,3 @@ class RPN(nn.Module):
             results.append(Instances(image_size, proposal_boxes=boxes[keep],
                                      objectness_logits=scores[keep]))
         return results
-
-
-def _per_level(sizes: Sequence[Sequence[float]], num_levels: int) -> List[List[float]]:
-    """Anchor sizes given for one level only are shared by all levels."""
-    sizes = [list(s) for s in sizes]
-    return sizes * num_levels if len(sizes) == 1 else sizes

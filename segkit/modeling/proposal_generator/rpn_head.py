@@ -30,7 +30,8 @@ class StandardRPNHead(nn.Module):
         if in_channels <= 0 or num_anchors <= 0:
             raise ValueError(f"StandardRPNHead: in_channels and num_anchors must be > 0, got "
                              f"{in_channels} and {num_anchors}")
-        self.conv = Conv2d(in_channels, in_channels, kernel_size=3, padding=1, activation=F.relu)
+        self.conv = Conv2d(in_channels, in_channels, kernel_size=3, padding=1,
+                           activation=F.relu_)
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * box_dim, kernel_size=1)
         self.num_anchors, self.box_dim = num_anchors, box_dim

@@ -63,5 +63,5 @@ class FCBoxHead(nn.Module):
         """
         x = torch.flatten(x, start_dim=1)
         for name in self._fc_names:
-            x = torch.relu(getattr(self, name)(x))
+            x = torch.relu_(getattr(self, name)(x))  # in place: linear backward reads its input
         return x

@@ -68,10 +68,8 @@ def decode_boxes(transform: Box2BoxTransform, deltas: Tensor, boxes: Tensor) -> 
     Returns:
         (R, K, 4) XYXY decoded boxes.
     """
-    num = boxes.shape[0]
-    k = deltas.shape[1] // 4
-    flat = boxes[:, None, :].expand(num, k, 4).reshape(-1, 4)
-    return transform.apply_deltas(deltas.reshape(-1, 4), flat).reshape(num, k, 4)
+    # apply_deltas broadcasts each proposal over its K delta groups: no (R*K, 4) box copy
+    return transform.apply_deltas(deltas, boxes).reshape(boxes.shape[0], deltas.shape[1] // 4, 4)
 
 
 def fast_rcnn_losses(
@@ -115,9 +113,9 @@ def fast_rcnn_losses(
         loss_box = F.smooth_l1_loss(pred, target, beta=smooth_l1_beta, reduction="sum")
     else:
         loss_box = F.l1_loss(pred, target, reduction="sum")
-    # an empty foreground set sums to 0 but keeps the graph through deltas
-    loss_box = (loss_box + deltas.sum() * 0.0) / num
-    return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+    # An empty foreground set sums to 0 and still reaches ``deltas`` through the indexing,
+    # so every parameter gets a (zero) gradient, as DDP requires.
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box / num}
 
 
 def fast_rcnn_inference(

@@ -71,8 +71,8 @@ class MaskRCNNConvUpsampleHead(nn.Module):
             (R, K or 1, M, M) mask logits.
         """
         for name in self._conv_names:
-            x = F.relu(getattr(self, name)(x))
-        x = F.relu(self.deconv(x))
+            x = F.relu_(getattr(self, name)(x))  # in place: conv backward never reads its output
+        x = F.relu_(self.deconv(x))
         return self.predictor(x)
 
 
@@ -120,9 +120,8 @@ def mask_rcnn_inference(logits: Tensor, detections: List[Instances]) -> None:
         detections: per image Instances with ``pred_classes``; gains ``pred_masks``:
             (N_i, M, M) float probabilities in the detection box frame.
     """
-    classes = torch.cat([d.pred_classes for d in detections]) if detections else None
-    if classes is None:
+    if not detections:
         return
-    probs = _select_class(logits, classes).sigmoid()
+    probs = _select_class(logits, torch.cat([d.pred_classes for d in detections])).sigmoid()
     for det, p in zip(detections, probs.split([len(d) for d in detections])):
         det.pred_masks = p

@@ -69,6 +69,12 @@ def assign_boxes_to_levels(
         (sum N_i,) int64 level index relative to ``min_level`` (0 = finest).
     """
     boxes = torch.cat([_box_tensor(b) for b in box_lists], dim=0)
+    return _levels(boxes, min_level, max_level, canonical_box_size, canonical_level)
+
+
+def _levels(boxes: Tensor, min_level: int, max_level: int, canonical_box_size: float,
+            canonical_level: int) -> Tensor:
+    """:func:`assign_boxes_to_levels` on one (R, 4) XYXY tensor."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     size = torch.sqrt(area)
     level = torch.floor(canonical_level + torch.log2(size / canonical_box_size)
@@ -144,12 +150,14 @@ class ROIPooler(nn.Module):
         if len(box_lists) != features[0].shape[0]:
             raise ValueError(f"ROIPooler: got boxes for {len(box_lists)} images but the features "
                              f"have batch size {features[0].shape[0]}")
-        rois = boxes_to_rois(box_lists).to(features[0].dtype)
+        rois = boxes_to_rois(box_lists)
         if len(self.scales) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0],
-                             self.sampling_ratio, self.aligned)
-        levels = assign_boxes_to_levels(box_lists, self.min_level, self.max_level,
-                                        self.canonical_box_size, self.canonical_level)
+            return roi_align(features[0], rois.to(features[0].dtype), self.output_size,
+                             self.scales[0], self.sampling_ratio, self.aligned)
+        # levels from the boxes' own dtype (not a half-precision copy), concatenated once
+        levels = _levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
+                         self.canonical_level)
+        rois = rois.to(features[0].dtype)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + self.output_size)
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl, as_tuple=True)[0]
@@ -157,8 +165,9 @@ class ROIPooler(nn.Module):
                 continue
             pooled = roi_align(feat, rois[idx], self.output_size, scale,
                                self.sampling_ratio, self.aligned)
-            # index_put keeps autograd through the per-level results
-            out = out.index_put((idx,), pooled)
+            # In place: one (R, C, h, w) buffer instead of a new copy per level; autograd
+            # still flows to ``pooled`` (the buffer joins the graph at the first write).
+            out.index_put_((idx,), pooled)
         return out
 
     def extra_repr(self) -> str:

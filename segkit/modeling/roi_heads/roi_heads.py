@@ -241,7 +241,17 @@ class StandardROIHeads(nn.Module):
 
     def _mask_loss(self, feats: List[Tensor], sampled: List[Instances],
                    gt_instances: List[Instances]) -> Tensor:
-        """Mask loss on the sampled foreground RoIs only (papers.md section 7, "Loss")."""
+        """Mask loss on the sampled foreground RoIs only (papers.md section 7, "Loss").
+
+        Args:
+            feats: per level (B, C, H_l, W_l) features, finest first.
+            sampled: per image the sampled RoIs from :meth:`label_and_sample_proposals`.
+            gt_instances: per image GT with ``gt_masks`` ((M_i, H, W) BitMasks or PolygonMasks).
+
+        Returns:
+            scalar mean BCE over the P foreground RoIs' (M, M) targets on their GT class channel;
+            0, still attached to the mask head, when P = 0.
+        """
         fg = [s[(s.gt_classes >= 0) & (s.gt_classes < self.num_classes)] for s in sampled]
         logits = self.mask_head(self.mask_pooler(feats, [f.proposal_boxes for f in fg]))
         size = logits.shape[-1]
@@ -252,9 +262,10 @@ class StandardROIHeads(nn.Module):
             if not gt.has("gt_masks"):
                 raise ValueError("roi_heads: the mask head needs gt_masks in every training "
                                  "Instances (PolygonMasks or BitMasks)")
-            masks = gt.gt_masks[f.gt_index]
-            # The target is the GT mask inside the RoI, rasterised at M x M (section 7).
-            targets.append(masks.crop_and_resize(f.proposal_boxes.tensor, size).to(logits.device))
+            # The target is the matched GT mask inside the RoI, rasterised at M x M (section
+            # 7); mask_indices avoids copying one full-image mask per RoI.
+            targets.append(gt.gt_masks.crop_and_resize(
+                f.proposal_boxes.tensor, size, mask_indices=f.gt_index).to(logits.device))
         if not targets:  # no foreground RoI in the batch: zero loss, graph kept for DDP
             return logits.sum() * 0.0
         return mask_rcnn_loss(logits, torch.cat([f.gt_classes for f in fg]), torch.cat(targets))
