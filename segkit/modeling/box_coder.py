@@ -25,6 +25,13 @@ __all__ = ["Box2BoxTransform", "DEFAULT_SCALE_CLAMP"]
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
+def _centers_and_sizes(boxes: Tensor):
+    """(N, 4) XYXY boxes -> centre x, centre y, width, height, each (N,)."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
 class Box2BoxTransform:
     """Encodes/decodes XYXY boxes as (dx, dy, dw, dh) deltas w.r.t. reference boxes.
 
@@ -67,15 +74,8 @@ class Box2BoxTransform:
         src_boxes = src_boxes.to(target_boxes.dtype)
         wx, wy, ww, wh = self.weights
 
-        src_w = src_boxes[:, 2] - src_boxes[:, 0]
-        src_h = src_boxes[:, 3] - src_boxes[:, 1]
-        src_cx = src_boxes[:, 0] + 0.5 * src_w
-        src_cy = src_boxes[:, 1] + 0.5 * src_h
-
-        tgt_w = target_boxes[:, 2] - target_boxes[:, 0]
-        tgt_h = target_boxes[:, 3] - target_boxes[:, 1]
-        tgt_cx = target_boxes[:, 0] + 0.5 * tgt_w
-        tgt_cy = target_boxes[:, 1] + 0.5 * tgt_h
+        src_cx, src_cy, src_w, src_h = _centers_and_sizes(src_boxes)
+        tgt_cx, tgt_cy, tgt_w, tgt_h = _centers_and_sizes(target_boxes)
 
         dx = wx * (tgt_cx - src_cx) / src_w
         dy = wy * (tgt_cy - src_cy) / src_h
@@ -102,10 +102,7 @@ class Box2BoxTransform:
         boxes = boxes.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
 
-        widths = boxes[:, 2] - boxes[:, 0]
-        heights = boxes[:, 3] - boxes[:, 1]
-        ctr_x = boxes[:, 0] + 0.5 * widths
-        ctr_y = boxes[:, 1] + 0.5 * heights
+        ctr_x, ctr_y, widths, heights = _centers_and_sizes(boxes)
 
         dx = deltas[:, 0::4] / wx
         dy = deltas[:, 1::4] / wy
