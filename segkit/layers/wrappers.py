@@ -6,6 +6,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .batch_norm import FrozenBatchNorm2d
+
 __all__ = ["Conv2d", "cat"]
 
 
@@ -46,7 +48,9 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
-        if self.norm is not None:
+        if isinstance(self.norm, FrozenBatchNorm2d):
+            x = self.norm.forward_(x)  # x is the conv's fresh output: no copy needed
+        elif self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
