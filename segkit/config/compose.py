@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .search_path import searchpath_overrides
 
@@ -89,19 +89,13 @@ def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictC
     return cfg
 
 
-def open_dict(cfg: DictConfig):
-    from omegaconf import open_dict as _open_dict
-
-    return _open_dict(cfg)
-
-
 def _override_hint(overrides: List[str], config_name: str) -> Optional[str]:
     """For ``a.b.kye=v`` where ``kye`` does not exist, suggest the close existing keys."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    groups = [o for o in overrides if "=" in o and "/" in o.split("=")[0] or o.startswith("experiment=")]
+    groups = [o for o in overrides if "=" in o and is_config_group(o.split("=", 1)[0].lstrip("+~"))]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(CONFIG_MODULE, version_base=None):
@@ -112,8 +106,7 @@ def _override_hint(overrides: List[str], config_name: str) -> Optional[str]:
         GlobalHydra.instance().clear()
     for o in overrides:
         key = o.split("=", 1)[0]
-        if ("=" not in o or key.startswith(("+", "~", "hydra.")) or "/" in key
-                or key == "experiment"):
+        if "=" not in o or key.startswith(("+", "~", "hydra.")) or is_config_group(key):
             continue
         parts = key.split(".")
         node: Any = base
@@ -128,6 +121,11 @@ def _override_hint(overrides: List[str], config_name: str) -> Optional[str]:
                 return msg + " (use '+key=value' to add a new key)"
             node = node[part]
     return None
+
+
+def is_config_group(key: str) -> bool:
+    """Whether ``key`` names a config group (``dataset``, ``model/backbone``), not a value."""
+    return (config_dir() / key).is_dir()
 
 
 def to_plain(cfg: Any) -> Any:

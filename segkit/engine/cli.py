@@ -47,13 +47,6 @@ def train_main() -> Any:
     return hydra_app(run_train)()
 
 
-def _is_group(key: str) -> bool:
-    """Whether ``key`` names a config group (``dataset``, ``model/backbone``), not a value."""
-    from segkit.config import config_dir
-
-    return (config_dir() / key).is_dir()
-
-
 def eval_config(meta_config: Optional[dict], overrides: Sequence[str]) -> DictConfig:
     """The evaluation config: the checkpoint's own config plus ``overrides``.
 
@@ -64,7 +57,7 @@ def eval_config(meta_config: Optional[dict], overrides: Sequence[str]) -> DictCo
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from segkit.config import compose
+    from segkit.config import compose, is_config_group
 
     overrides = list(overrides)
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -81,7 +74,7 @@ def eval_config(meta_config: Optional[dict], overrides: Sequence[str]) -> DictCo
                 raise ValueError(f"cannot delete '{key}': not in the checkpoint's config")
             with open_dict(node):
                 del node[leaf]
-        elif _is_group(key):
+        elif is_config_group(key):
             # '~experiment': the stored config already is the experiment's result
             sub = OmegaConf.select(compose([text, "~experiment"]), key.replace("/", "."))
             OmegaConf.update(cfg, key.replace("/", "."), sub, merge=False, force_add=True)

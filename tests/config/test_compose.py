@@ -117,3 +117,14 @@ def test_unknown_component_and_key_fail_at_build_with_hints():
     msg = str(e.value)
     assert "unknown key 'dpth' at 'model.backbone.bottom_up' for backbone 'resnet'" in msg
     assert "did you mean 'depth'?" in msg
+
+
+def test_no_typo_hint_for_valid_overrides():
+    """The hint runs after any failed command-line run; valid keys (also those a group
+    override brings in, and hydra.*) must not be reported as unknown."""
+    from segkit.config.compose import _override_hint
+
+    assert _override_hint(["dataset=coco_format", "dataset.train.json=a.json",
+                           "hydra.run.dir=/tmp/x", "solver.base_lr=0.1"], "config") is None
+    assert "did you mean 'dataset.train.json'" in _override_hint(
+        ["dataset=coco_format", "dataset.train.jsn=a.json"], "config")
