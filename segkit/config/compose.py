@@ -111,15 +111,17 @@ def _override_hint(overrides: List[str], config_name: str) -> Optional[str]:
         parts = key.split(".")
         node: Any = base
         for i, part in enumerate(parts):
-            if not isinstance(node, DictConfig) or part not in node:
+            # keys(), not `in`: OmegaConf's `in` is False for a key whose value is ??? (missing)
+            if not isinstance(node, DictConfig) or part not in node.keys():
                 keys = list(node.keys()) if isinstance(node, DictConfig) else []
                 close = difflib.get_close_matches(part, [str(k) for k in keys], n=3, cutoff=0.5)
                 where = ".".join(parts[:i]) or "<root>"
                 msg = f"unknown config key '{key}': '{where}' has no key '{part}'"
                 if close:
-                    msg += f"; did you mean {' or '.join(repr('.'.join(parts[:i] + [c])) for c in close)}?"
+                    names = " or ".join(repr(".".join(parts[:i] + [c])) for c in close)
+                    msg += f"; did you mean {names}?"
                 return msg + " (use '+key=value' to add a new key)"
-            node = node[part]
+            node = node._get_node(part)  # no value access: ??? values must not raise
     return None
 
 
