@@ -1,13 +1,69 @@
 """segkit: FAIR's segmentation lineage in one PyTorch code base.
 
-``pip install .`` installs the library, its Hydra configs (``configs/`` ships as
-``segkit.configs``) and the console scripts ``segkit-train``, ``segkit-eval`` and ``segkit-demo``.
+``pip install --no-build-isolation .`` installs the library, its Hydra configs (``configs/``
+ships as ``segkit.configs``), the console scripts ``segkit-train``, ``segkit-eval`` and
+``segkit-demo``, and the compiled ops ``segkit._C`` built from ``csrc/``.
+
+The C++ ops are compiled against the torch already installed in the environment, because an
+extension only loads under the torch it was built with; that is why the build needs torch
+first and ``--no-build-isolation`` (an isolated build environment would fetch some other
+torch). Environment variables:
+
+* ``FORCE_CUDA=1``: build the CUDA kernels even where no GPU is visible (a CUDA toolkit must be
+  installed). Without it they are built when ``torch.cuda.is_available()`` and a toolkit exists.
+* ``SEGKIT_CPU_ARCH``: ``-march`` value of the CPU kernels, default ``native`` (the building
+  machine's vector units); set e.g. ``x86-64-v3`` to build for other machines.
+* ``MAX_JOBS``: parallel compile jobs (ninja is used when installed).
+* ``SEGKIT_SKIP_CSRC=1``: do not build ``segkit._C``; ``segkit.layers`` then falls back to
+  torchvision's ops with a warning.
 """
+import glob
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+
+
+def _ext_modules():
+    """``segkit._C`` from ``csrc/``: CPU kernels always, CUDA kernels when asked or possible."""
+    if os.environ.get("SEGKIT_SKIP_CSRC", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        raise RuntimeError(
+            "segkit compiles its C++ ops against the installed torch. Install torch first, then "
+            "segkit without build isolation:\n"
+            "    pip install 'torch>=2.14' 'torchvision>=0.29' setuptools wheel ninja\n"
+            "    pip install --no-build-isolation -e .") from e
+    os.chdir(ROOT)  # relative source paths keep the ninja file and error messages short
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    arch = os.environ.get("SEGKIT_CPU_ARCH", "native")
+    cxx = ["-O3", "-fopenmp", f"-DSEGKIT_TORCH_VERSION=\"{torch.__version__}\""]
+    if arch:
+        cxx.append(f"-march={arch}")
+    with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
+        torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None)
+    kwargs = dict(name="segkit._C", sources=sources, include_dirs=[str(ROOT / "csrc")],
+                  extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["extra_compile_args"]["cxx"].append("-DWITH_CUDA")
+        kwargs["extra_compile_args"]["nvcc"] = [
+            "-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr",
+            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+            "-D__CUDA_NO_HALF2_OPERATORS__"]
+        ext = cpp_extension.CUDAExtension(**kwargs)
+    else:
+        ext = cpp_extension.CppExtension(**kwargs)
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())
+    return [ext], {"build_ext": build_ext}
+
+
+EXT_MODULES, CMDCLASS = _ext_modules()
 
 
 def _version() -> str:
@@ -33,6 +89,10 @@ setup(
     package_dir={"segkit.configs": "configs"},
     package_data={"segkit.configs": ["*.yaml", "**/*.yaml"]},
     include_package_data=True,
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
+    # torch/torchvision must already be installed (see the module docstring); listing them
+    # keeps pip from replacing them with versions the extension was not built against.
     install_requires=[
         "torch>=2.14",
         "torchvision>=0.29",

@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
+from common import MALLOC_ENV, interleave, reexec_with_tuned_malloc
 
 
 def build_pair(seed: int = 0):
@@ -101,7 +99,7 @@ def time_inference(tv, sk, data, iters: int, repeats: int):
     tv_in, _ = torchvision_inputs(*data, train=False)
     sk_in = segkit_inputs(*data, train=False)
     runs = {"torchvision": lambda: tv(tv_in), "segkit": lambda: sk(sk_in)}
-    return _interleave(runs, iters, repeats, torch.no_grad)
+    return interleave(runs, iters, repeats, torch.no_grad)
 
 
 def time_training(tv, sk, data, iters: int, repeats: int):
@@ -125,22 +123,7 @@ def time_training(tv, sk, data, iters: int, repeats: int):
 
     runs = {"torchvision": lambda: step(tv, (tv_in, tv_targets), opts["torchvision"]),
             "segkit": lambda: step(sk, (sk_in,), opts["segkit"])}
-    return _interleave(runs, iters, repeats, contextlib.nullcontext)
-
-
-def _interleave(runs, iters: int, repeats: int, ctx):
-    for fn in runs.values():  # warm-up: first call allocates and selects kernels
-        with ctx():
-            fn()
-    rounds = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            with ctx():
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                rounds[name].append((time.perf_counter() - t0) / iters)
-    return {name: statistics.median(v) for name, v in rounds.items()}
+    return interleave(runs, iters, repeats, contextlib.nullcontext)
 
 
 def _status_kib(field: str) -> int:
@@ -201,9 +184,8 @@ def main(argv=None) -> None:
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default settings")
     p.add_argument("--child-peak", choices=["torchvision", "segkit"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.system_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, __file__] + sys.argv[1:],
-                  {**os.environ, **MALLOC_ENV})
+    if not args.system_malloc:
+        reexec_with_tuned_malloc(__file__, sys.argv[1:])
     import torch
 
     torch.set_num_threads(args.threads)

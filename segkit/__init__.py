@@ -8,12 +8,24 @@ __version__ = "0.1.0"
 
 
 def collect_env() -> dict:
-    """Which implementation runs each op of ``segkit.layers`` (``{"ops backend": ...}``).
+    """The compiled-ops part of the environment report.
 
-    The full environment report (versions, devices, this backend table) is
-    :func:`segkit.utils.env.collect_env_info`, logged at the start of every run.
+    ``{"segkit._C": "built for torch X, devices cpu[, cuda]" | "not available (why)",
+    "ops backend": "roi_align=segkit._C, nms=segkit._C, ..."}``. The full report (versions,
+    devices, this) is :func:`segkit.utils.env.collect_env_info`, logged at the start of every
+    run and printed by ``python -m segkit.utils.env``.
     """
+    from segkit.layers import _compiled
     from segkit.layers.ops import get_backend
 
+    if _compiled.available():
+        info = _compiled.build_info()
+        parallel = str(info.get("parallel", "")).strip().splitlines()
+        c_status = (f"built for torch {info.get('torch_version')}, devices "
+                    f"{', '.join(info.get('devices', ()))}"
+                    + (f", {parallel[-1].strip()}" if parallel else ""))
+    else:
+        c_status = f"not available ({_compiled.load_error()})"
     backends = get_backend()
-    return {"ops backend": ", ".join(f"{op}={name}" for op, name in sorted(backends.items()))}
+    return {"segkit._C": c_status,
+            "ops backend": ", ".join(f"{op}={name}" for op, name in sorted(backends.items()))}

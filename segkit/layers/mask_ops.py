@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
 from .ops import roi_align
 
 __all__ = ["crop_masks", "paste_masks_in_image"]
@@ -20,22 +21,28 @@ _PIXEL_BUDGET = 1 << 23
 _CROP_MAX_WASTE = 2.0
 
 
-def _pixel_extents(boxes: Tensor, height: int, width: int) -> Tensor:
-    """Integer pixel ranges [x0, x1) x [y0, y1) that can lie inside each box, clipped to the image.
+def _pixel_extents(boxes: Tensor, height: int, width: int,
+                   mask_size: Tuple[int, int] = (1 << 30, 1 << 30)) -> Tensor:
+    """Integer pixel ranges [x0, x1) x [y0, y1) where a pasted mask can be non-zero, clipped
+    to the image.
 
-    Only pixels whose centre falls inside the box can reach a pasted probability >= 0.5 (the
-    mask is zero-padded outside), so one pixel of slack on each side is enough.
+    Bilinear sampling with zero padding reaches half a mask cell past the box edge (the value
+    there falls from half the edge cell's value to 0), so for thresholds below 0.5 pixels just
+    outside the box can be on; half a cell plus one pixel of slack on each side covers them.
 
     Args:
         boxes: (N, 4) XYXY float boxes.
+        mask_size: (Mh, Mw) of the masks (the default, huge, gives no half-cell margin).
     Returns:
         (N, 4) int64 ``[x0, y0, x1, y1]``.
     """
     b = boxes.detach().cpu().double()
-    x0 = (b[:, 0].floor() - 1).clamp(0, width)
-    y0 = (b[:, 1].floor() - 1).clamp(0, height)
-    x1 = (b[:, 2].ceil() + 1).clamp(0, width)
-    y1 = (b[:, 3].ceil() + 1).clamp(0, height)
+    half_w = ((b[:, 2] - b[:, 0]) / (2 * mask_size[1])).clamp(min=0)
+    half_h = ((b[:, 3] - b[:, 1]) / (2 * mask_size[0])).clamp(min=0)
+    x0 = ((b[:, 0] - half_w).floor() - 1).clamp(0, width)
+    y0 = ((b[:, 1] - half_h).floor() - 1).clamp(0, height)
+    x1 = ((b[:, 2] + half_w).ceil() + 1).clamp(0, width)
+    y1 = ((b[:, 3] + half_h).ceil() + 1).clamp(0, height)
     return torch.stack([x0, y0, x1, y1], dim=1).long()
 
 
@@ -78,8 +85,9 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Tuple[int, in
     Each mask is treated as a continuous image stretched over its box: the full-image pixel
     with centre ``(x + 0.5, y + 0.5)`` takes the bilinearly interpolated mask value at that
     point (``grid_sample``, ``align_corners=False``, zero outside the mask), then is kept where
-    the value is ``>= threshold``. Only each box's pixel extent is sampled, in chunks of
-    bounded size, so memory stays near the size of the (N, h, w) bool output.
+    the value is ``>= threshold``. Only each box's pixel extent is sampled: the compiled kernel
+    (``segkit._C``) visits each box's pixels once, one mask per core, so the cost follows the
+    box areas; the ``grid_sample`` fallback works in chunks of bounded size.
 
     Args:
         masks: (N, M, M) (or (N, Mh, Mw), or (N, 1, Mh, Mw)) float mask probabilities in [0, 1].
@@ -98,14 +106,23 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Tuple[int, in
         raise ValueError(f"paste_masks_in_image: boxes must have shape ({masks.shape[0]}, 4) XYXY, "
                          f"got {tuple(boxes.shape)}")
     height, width = int(image_size[0]), int(image_size[1])
+    if masks.shape[0] == 0 or height == 0 or width == 0:
+        return torch.zeros((masks.shape[0], height, width), dtype=torch.bool, device=masks.device)
+    boxes = boxes.to(device=masks.device, dtype=torch.float32)
+    return ops._impl("paste_masks", masks.device)(masks.float(), boxes, (height, width),
+                                                  float(threshold))
+
+
+def _paste_grid_sample(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
+                       threshold: float) -> Tensor:
+    """:func:`paste_masks_in_image` with ``grid_sample`` over chunks of boxes (the fallback of
+    the compiled kernel, and the CUDA path of a CPU-only build)."""
+    height, width = image_size
     n = masks.shape[0]
     out = torch.zeros((n, height, width), dtype=torch.bool, device=masks.device)
-    if n == 0 or height == 0 or width == 0:
-        return out
-
     masks = masks.float()
     boxes = boxes.to(device=masks.device, dtype=torch.float32)
-    extents = _pixel_extents(boxes, height, width)
+    extents = _pixel_extents(boxes, height, width, tuple(masks.shape[1:]))
     for start, end, (rx0, ry0, rx1, ry1) in _chunks(extents):
         if rx1 <= rx0 or ry1 <= ry0:
             continue  # every box of this chunk lies outside the image
@@ -181,3 +198,6 @@ def crop_masks(masks: Tensor, boxes: Tensor, mask_size: int,
         rois = torch.cat([batch_idx[:, None], boxes[idx] - shift], dim=1)
         out[idx] = roi_align(crop, rois, (mask_size, mask_size), 1.0, 0, True)[:, 0]
     return out.clamp_(0, 1)
+
+
+ops._add_op("paste_masks", _paste_grid_sample, "torch.grid_sample")

@@ -1,6 +1,7 @@
 """Environment report: the versions and devices that matter for reproducing a result.
 
-``default_setup`` logs it at the start of every run (``log.txt``).
+``default_setup`` logs it at the start of every run (``log.txt``); ``python -m segkit.utils.env``
+prints it, including whether the compiled ops ``segkit._C`` are built and for which devices.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Dict
 
 import torch
 
-__all__ = ["collect_env_info"]
+__all__ = ["collect_env_info", "main"]
 
 
 def collect_env_info() -> Dict[str, str]:
@@ -37,3 +38,15 @@ def collect_env_info() -> Dict[str, str]:
         except Exception as e:  # an env report must never stop a run
             info["collect_env error"] = repr(e)
     return info
+
+
+def main() -> None:
+    """``python -m segkit.utils.env``: print the report, one ``key: value`` per line."""
+    info = collect_env_info()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -67,7 +67,9 @@ def test_pooler_matches_torchvision_multiscale_roialign(sampling_ratio):
     pooler = ROIPooler(7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio, aligned=False)
     out = pooler([feats[n] for n in names], [Boxes(boxes[0]), boxes[1]])
     assert out.shape == (65, 2, 7, 7)
-    assert torch.equal(out, ref)
+    # the compiled kernel sums the same samples in another order: float32 rounding only (each
+    # side is within ~2e-5 of the float64 result on these unit-variance maps)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-5)
     # boxes spread over all levels, so the comparison exercises the level routing
     assert set(assign_boxes_to_levels(boxes, 2, 5).tolist()) == {0, 1, 2, 3}
 
@@ -78,7 +80,8 @@ def test_pooler_aligned_single_level_and_empty():
     boxes = _random_boxes(5, 64, 64, gen)
     rois = torch.cat([torch.zeros(5, 1), boxes], dim=1)
     out = ROIPooler(5, [1 / 4], 0, aligned=True)([feat], [boxes])
-    assert torch.equal(out, tv_roi_align(feat, rois, 5, 0.25, 0, aligned=True))
+    torch.testing.assert_close(out, tv_roi_align(feat, rois, 5, 0.25, 0, aligned=True),
+                               rtol=1e-4, atol=5e-5)
     empty = ROIPooler(7, [1 / 4, 1 / 8], 2)([feat, feat[:, :, ::2, ::2]], [torch.zeros(0, 4)])
     assert empty.shape == (0, 4, 7, 7)
     with pytest.raises(ValueError, match="power of two"):

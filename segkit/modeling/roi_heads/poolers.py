@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from segkit.layers import roi_align
+from segkit.layers import fpn_levels, multilevel_roi_align, roi_align
 from segkit.structures import Boxes
 
 __all__ = ["ROIPooler", "assign_boxes_to_levels", "boxes_to_rois"]
@@ -49,14 +49,7 @@ def assign_boxes_to_levels(
     canonical_box_size: float = 224.0,
     canonical_level: int = 4,
 ) -> Tensor:
-    """FPN level of each box (FPN Eq. 1, papers.md section 5).
-
-    ``k = floor(k0 + log2(sqrt(w * h) / 224) + 1e-6)`` clamped to ``[min_level, max_level]``.
-    A 224x224 box (the ImageNet pre-training size) lands on ``k0 = canonical_level``; each
-    halving of the box side moves one level finer. The area is ``w * h`` without the "+1" of
-    Detectron (papers.md section 10 item 8), which is what torchvision's MultiScaleRoIAlign and
-    detectron2 compute; the 1e-6 keeps boxes of exactly 112, 224, ... px on the coarser level
-    despite rounding in ``log2``.
+    """FPN level of each box (FPN Eq. 1, papers.md section 5); see :func:`segkit.layers.fpn_levels`.
 
     Args:
         box_lists: one entry per image, ``Boxes`` or (N_i, 4) XYXY tensors.
@@ -66,21 +59,11 @@ def assign_boxes_to_levels(
         canonical_level: k0.
 
     Returns:
-        (sum N_i,) int64 level index relative to ``min_level`` (0 = finest).
+        (sum N_i,) int64 level index relative to ``min_level`` (0 = finest; -1 for an inverted
+        box, which no level pools).
     """
     boxes = torch.cat([_box_tensor(b) for b in box_lists], dim=0)
-    return _levels(boxes, min_level, max_level, canonical_box_size, canonical_level)
-
-
-def _levels(boxes: Tensor, min_level: int, max_level: int, canonical_box_size: float,
-            canonical_level: int) -> Tensor:
-    """:func:`assign_boxes_to_levels` on one (R, 4) XYXY tensor."""
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    size = torch.sqrt(area)
-    level = torch.floor(canonical_level + torch.log2(size / canonical_box_size)
-                        + torch.tensor(1e-6, dtype=size.dtype, device=size.device))
-    level = torch.clamp(level, min=min_level, max=max_level)
-    return level.to(torch.int64) - min_level
+    return fpn_levels(boxes, min_level, max_level, canonical_box_size, canonical_level)
 
 
 class ROIPooler(nn.Module):
@@ -152,23 +135,12 @@ class ROIPooler(nn.Module):
                              f"have batch size {features[0].shape[0]}")
         rois = boxes_to_rois(box_lists)
         if len(self.scales) == 1:
-            return roi_align(features[0], rois.to(features[0].dtype), self.output_size,
-                             self.scales[0], self.sampling_ratio, self.aligned)
-        # levels from the boxes' own dtype (not a half-precision copy), concatenated once
-        levels = _levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
-                         self.canonical_level)
-        rois = rois.to(features[0].dtype)
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + self.output_size)
-        for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.nonzero(levels == lvl, as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            pooled = roi_align(feat, rois[idx], self.output_size, scale,
-                               self.sampling_ratio, self.aligned)
-            # In place: one (R, C, h, w) buffer instead of a new copy per level; autograd
-            # still flows to ``pooled`` (the buffer joins the graph at the first write).
-            out.index_put_((idx,), pooled)
-        return out
+            return roi_align(features[0], rois, self.output_size, self.scales[0],
+                             self.sampling_ratio, self.aligned)
+        # One call assigns every box its level and pools it (compiled segkit._C kernel).
+        return multilevel_roi_align(features, rois, self.output_size, self.scales,
+                                    self.sampling_ratio, self.aligned, self.canonical_box_size,
+                                    self.canonical_level)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, levels=P{self.min_level}-P{self.max_level}, "
