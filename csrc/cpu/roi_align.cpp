@@ -44,9 +44,9 @@ namespace {
 // Channels per work item in channels-last: one 64-byte cache line of floats per pixel, one
 // AVX-512 register of accumulators.
 constexpr int64_t kChannelBlock = 16;
-// Channels per thread-owned block in the channels-last backward (fewer, longer sweeps of the
-// incoming gradient).
-constexpr int64_t kBackwardChannelBlock = 64;
+// Rows per thread-owned band of a gradient map in the channels-last backward: 2 rows of P2
+// (336 px x 256 channels) are ~700 KB, which stay in a core's L2 cache.
+constexpr int64_t kBandRows = 2;
 // RoIs per forward work item.
 constexpr int64_t kRoiChunk = 256;
 
@@ -169,14 +169,14 @@ void roi_taps(const acc_t* r, double scale, int64_t height, int64_t width, const
 template <typename scalar_t>
 struct MapView {
   scalar_t* data;
-  int64_t height, width;
+  int64_t batch, height, width;
   int64_t s_n, s_c, s_h, s_w;
 };
 
 template <typename scalar_t>
 MapView<scalar_t> view_of(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2),
-          t.stride(3)};
+  return {t.data_ptr<scalar_t>(), t.size(0), t.size(2), t.size(3), t.stride(0), t.stride(1),
+          t.stride(2), t.stride(3)};
 }
 
 // Forward of RoI `t` for the CB channels from c0 of a channels-last map. The CB accumulators
@@ -210,40 +210,6 @@ void pool_cl(const RoiTaps<acc_t>& t, const MapView<const scalar_t>& in, int64_t
       }
       scalar_t* dst = out + ph * o_h + pw * o_w + c0 * o_c;
       for (int c = 0; c < CB; ++c) dst[c * o_c] = static_cast<scalar_t>(v[c]);
-    }
-  }
-}
-
-// Backward of RoI `t` for the CB channels from c0 into a channels-last gradient map: the
-// adjoint of pool_cl (dT = A_y^T g, then each row's taps receive A_x^T dT).
-template <int CB, typename scalar_t, typename acc_t>
-void unpool_cl(const RoiTaps<acc_t>& t, const scalar_t* grad, int64_t g_c, int64_t g_h, int64_t g_w,
-               int64_t c0, int64_t ph_n, int64_t pw_n, const MapView<acc_t>& gin,
-               std::vector<acc_t>& dT) {
-  const int64_t nrows = static_cast<int64_t>(t.rows.size());
-  dT.assign(nrows * pw_n * CB, acc_t(0));
-  for (int64_t ph = 0; ph < ph_n; ++ph) {
-    for (int64_t pw = 0; pw < pw_n; ++pw) {
-      acc_t g[CB];
-      const scalar_t* gp = grad + ph * g_h + pw * g_w + c0 * g_c;
-      for (int c = 0; c < CB; ++c) g[c] = static_cast<acc_t>(gp[c * g_c]);
-      for (int32_t e = t.y_off[ph]; e < t.y_off[ph + 1]; ++e) {
-        acc_t* dst = dT.data() + (t.y_slot[e] * pw_n + pw) * CB;
-        const acc_t w = t.y_w[e];
-        for (int c = 0; c < CB; ++c) dst[c] += w * g[c];
-      }
-    }
-  }
-  for (int64_t r = 0; r < nrows; ++r) {
-    acc_t* row = gin.data + t.batch * gin.s_n + t.rows[r] * gin.s_h + c0;
-    for (int64_t pw = 0; pw < pw_n; ++pw) {
-      acc_t v[CB];
-      std::copy(dT.data() + (r * pw_n + pw) * CB, dT.data() + (r * pw_n + pw + 1) * CB, v);
-      for (int32_t e = t.x_off[pw]; e < t.x_off[pw + 1]; ++e) {
-        acc_t* dst = row + t.x_idx[e] * gin.s_w;
-        const acc_t w = t.x_w[e];
-        for (int c = 0; c < CB; ++c) dst[c] += w * v[c];
-      }
     }
   }
 }
@@ -290,20 +256,14 @@ void pool_one(const RoiTaps<acc_t>& t, const MapView<const scalar_t>& in, int64_
   }
 }
 
-// Backward of one RoI for channels [c0, c1): scatters grad[k] into the grad map (acc_t, same
-// layout rules as pool_one). Called by one thread per channel range, RoIs in order.
+// Backward of one RoI for channels [c0, c1) of an NCHW grad map (acc_t): the adjoint of
+// pool_one (dT = A_y^T g, then each row's taps receive A_x^T dT). Called by one thread per
+// channel, RoIs in order.
 template <typename scalar_t, typename acc_t>
 void unpool_one(const RoiTaps<acc_t>& t, const scalar_t* grad, int64_t g_c, int64_t g_h,
                 int64_t g_w, int64_t c0, int64_t c1, int64_t ph_n, int64_t pw_n,
                 const MapView<acc_t>& gin, std::vector<acc_t>& dT) {
   const int64_t nrows = static_cast<int64_t>(t.rows.size());
-  if (gin.s_c == 1) {  // channels-last
-    int64_t c = c0;
-    for (; c + 64 <= c1; c += 64) unpool_cl<64, scalar_t, acc_t>(t, grad, g_c, g_h, g_w, c, ph_n, pw_n, gin, dT);
-    for (; c + 16 <= c1; c += 16) unpool_cl<16, scalar_t, acc_t>(t, grad, g_c, g_h, g_w, c, ph_n, pw_n, gin, dT);
-    for (; c < c1; ++c) unpool_cl<1, scalar_t, acc_t>(t, grad, g_c, g_h, g_w, c, ph_n, pw_n, gin, dT);
-    return;
-  }
   dT.resize(nrows * pw_n);
   for (int64_t c = c0; c < c1; ++c) {
     std::fill(dT.begin(), dT.end(), acc_t(0));
@@ -325,6 +285,100 @@ void unpool_one(const RoiTaps<acc_t>& t, const scalar_t* grad, int64_t g_c, int6
       }
     }
   }
+}
+
+// Channels-last backward. The gradient maps are split into bands of kBandRows rows (per level
+// and image); a thread owns a band, accumulates into a band buffer in channels-last (whole
+// channel vectors in the inner loops) every RoI's contribution to those rows in RoI order, then
+// writes the band once into the output map in its own layout and dtype. Each element has one
+// writer and a fixed order of sums (deterministic, no atomics), the band buffer (a few hundred
+// KB) stays in cache while all the RoIs that cover it are added, and the output is written
+// once, with no full-size accumulation buffer or transposition.
+template <typename scalar_t, typename acc_t>
+void unpool_bands(const std::vector<RoiTaps<acc_t>>& taps, const at::Tensor& grad,
+                  const std::vector<MapView<scalar_t>>& outs, int64_t C, const AlignParams& p) {
+  const int64_t K = static_cast<int64_t>(taps.size());
+  const int64_t ph_n = p.pooled_height, pw_n = p.pooled_width;
+  // each RoI's row range, to skip the bands it does not reach
+  std::vector<int32_t> rmin(K, 0), rmax(K, -1);
+  for (int64_t k = 0; k < K; ++k) {
+    if (taps[k].empty) continue;
+    const auto& rows = taps[k].rows;
+    rmin[k] = *std::min_element(rows.begin(), rows.end());
+    rmax[k] = *std::max_element(rows.begin(), rows.end());
+  }
+  struct Band { int64_t level, batch, r0, r1; };
+  std::vector<Band> bands;
+  for (size_t l = 0; l < outs.size(); ++l) {
+    for (int64_t b = 0; b < outs[l].batch; ++b) {
+      for (int64_t r0 = 0; r0 < outs[l].height; r0 += kBandRows) {
+        bands.push_back({static_cast<int64_t>(l), b, r0, std::min(outs[l].height, r0 + kBandRows)});
+      }
+    }
+  }
+  const scalar_t* g = grad.data_ptr<scalar_t>();  // channels-last: channel stride 1
+  const int64_t g_n = grad.stride(0), g_h = grad.stride(2), g_w = grad.stride(3);
+  at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf;  // (band rows, W, C): the band's gradient
+    std::vector<acc_t> dT;   // (band rows, PW, C): one RoI's rows contracted along y
+    std::vector<char> touched;
+    for (int64_t i = begin; i < end; ++i) {
+      const Band& band = bands[i];
+      const MapView<scalar_t>& out = outs[band.level];
+      const int64_t nr = band.r1 - band.r0, W = out.width;
+      buf.assign(nr * W * C, acc_t(0));
+      for (int64_t k = 0; k < K; ++k) {  // RoI order fixed: deterministic sums
+        const RoiTaps<acc_t>& t = taps[k];
+        if (t.empty || t.level != band.level || t.batch != band.batch || rmax[k] < band.r0 ||
+            rmin[k] >= band.r1) {
+          continue;
+        }
+        dT.assign(nr * pw_n * C, acc_t(0));
+        touched.assign(nr, 0);
+        const scalar_t* gk = g + k * g_n;
+        for (int64_t ph = 0; ph < ph_n; ++ph) {
+          for (int32_t e = t.y_off[ph]; e < t.y_off[ph + 1]; ++e) {
+            const int64_t lr = t.rows[t.y_slot[e]] - band.r0;
+            if (lr < 0 || lr >= nr) continue;
+            touched[lr] = 1;
+            const acc_t w = t.y_w[e];
+            for (int64_t pw = 0; pw < pw_n; ++pw) {
+              const scalar_t* src = gk + ph * g_h + pw * g_w;
+              acc_t* dst = dT.data() + (lr * pw_n + pw) * C;
+              for (int64_t c = 0; c < C; ++c) dst[c] += w * static_cast<acc_t>(src[c]);
+            }
+          }
+        }
+        for (int64_t lr = 0; lr < nr; ++lr) {
+          if (!touched[lr]) continue;
+          acc_t* row = buf.data() + lr * W * C;
+          for (int64_t pw = 0; pw < pw_n; ++pw) {
+            const acc_t* v = dT.data() + (lr * pw_n + pw) * C;
+            for (int32_t e = t.x_off[pw]; e < t.x_off[pw + 1]; ++e) {
+              acc_t* dst = row + t.x_idx[e] * C;
+              const acc_t w = t.x_w[e];
+              for (int64_t c = 0; c < C; ++c) dst[c] += w * v[c];
+            }
+          }
+        }
+      }
+      // write the band out in the output's layout (NCHW: one contiguous run per channel row)
+      scalar_t* base = out.data + band.batch * out.s_n + band.r0 * out.s_h;
+      for (int64_t lr = 0; lr < nr; ++lr) {
+        const acc_t* src = buf.data() + lr * W * C;
+        scalar_t* dst = base + lr * out.s_h;
+        if (out.s_c == 1) {
+          for (int64_t x = 0; x < W; ++x) {
+            for (int64_t c = 0; c < C; ++c) dst[x * out.s_w + c] = static_cast<scalar_t>(src[x * C + c]);
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t x = 0; x < W; ++x) dst[c * out.s_c + x * out.s_w] = static_cast<scalar_t>(src[x * C + c]);
+          }
+        }
+      }
+    }
+  });
 }
 
 // Taps of every RoI, in parallel. `level_of(k, r)` returns the map index of RoI k (or -1: no
@@ -399,7 +453,7 @@ at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& maps_in, 
   std::vector<MapView<const scalar_t>> views;
   for (auto& m : maps) {
     auto v = view_of<scalar_t>(m);
-    views.push_back({v.data, v.height, v.width, v.s_n, v.s_c, v.s_h, v.s_w});
+    views.push_back({v.data, v.batch, v.height, v.width, v.s_n, v.s_c, v.s_h, v.s_w});
   }
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t o_n = out.stride(0), o_c = out.stride(1), o_h = out.stride(2), o_w = out.stride(3);
@@ -456,37 +510,43 @@ std::vector<at::Tensor> pool_backward(const char* op, const at::Tensor& grad_in,
     geo.push_back({static_cast<double>(heights[l]), static_cast<double>(widths[l]), scales[l]});
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast || compute_channels_last(K, p, geo);
-  const auto acc_fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> gins;  // accumulated in acc_t (float for half types)
-  auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  for (size_t l = 0; l < heights.size(); ++l) {
-    gins.push_back(at::empty({B, C, heights[l], widths[l]}, acc_opts, acc_fmt).zero_());
-  }
   at::Tensor rois_acc = rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   auto taps = all_taps<acc_t>(op, rois_acc, B, geo, p, level_of);
+  if (cl) {
+    std::vector<at::Tensor> outs;
+    std::vector<MapView<scalar_t>> views;
+    for (size_t l = 0; l < heights.size(); ++l) {
+      outs.push_back(at::empty({B, C, heights[l], widths[l]}, grad.options(), fmt));
+      views.push_back(view_of<scalar_t>(outs.back()));
+    }
+    if (C > 0) unpool_bands<scalar_t, acc_t>(taps, grad.contiguous(at::MemoryFormat::ChannelsLast), views, C, p);
+    return outs;
+  }
+  std::vector<at::Tensor> gins;  // NCHW, accumulated in acc_t (float for half types)
+  auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  for (size_t l = 0; l < heights.size(); ++l) {
+    gins.push_back(at::zeros({B, C, heights[l], widths[l]}, acc_opts));
+  }
   if (K > 0 && C > 0) {
     std::vector<MapView<acc_t>> views;
     for (auto& g : gins) views.push_back(view_of<acc_t>(g));
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const int64_t g_n = grad.stride(0), g_c = grad.stride(1), g_h = grad.stride(2), g_w = grad.stride(3);
-    // A thread owns a block of channels (channels-last: vectorised) or single channels (NCHW)
-    // and adds every RoI into them in RoI order: no two threads touch one element.
-    const int64_t block = cl ? kBackwardChannelBlock : 1;
-    const int64_t nblocks = (C + block - 1) / block;
-    at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    // A thread owns single channels (one NCHW plane, in cache) and adds every RoI into them
+    // in RoI order: no two threads touch one element, and the sums have a fixed order.
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> dT;
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t c0 = b * block, c1 = std::min(C, c0 + block);
-        for (int64_t k = 0; k < K; ++k) {  // RoI order fixed: deterministic sums
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t k = 0; k < K; ++k) {
           const RoiTaps<acc_t>& t = taps[k];
           if (t.empty) continue;
-          unpool_one<scalar_t, acc_t>(t, g + k * g_n, g_c, g_h, g_w, c0, c1, p.pooled_height,
+          unpool_one<scalar_t, acc_t>(t, g + k * g_n, g_c, g_h, g_w, c, c + 1, p.pooled_height,
                                       p.pooled_width, views[t.level], dT);
         }
       }
     });
   }
-  for (auto& gi : gins) gi = gi.to(grad.scalar_type()).contiguous(fmt);
+  for (auto& gi : gins) gi = gi.to(grad.scalar_type());
   return gins;
 }
 
