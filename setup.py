@@ -19,6 +19,7 @@ torch). Environment variables:
 """
 import glob
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -26,10 +27,30 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
+def _find_cuda_home() -> None:
+    """Point ``CUDA_HOME`` at a complete toolkit when torch's guess would not be one.
+
+    Without ``CUDA_HOME``, torch takes the parent of the ``nvcc`` on ``PATH``; when that
+    ``nvcc`` is a wrapper script (``/usr/local/bin/nvcc`` exec-ing the real one), the guess
+    has no CUDA headers or libraries and the link fails on ``-lcudart``.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = Path(nvcc).resolve().parent.parent if nvcc else None
+    if guess is not None and (guess / "include" / "cuda_runtime_api.h").exists():
+        return
+    for candidate in [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True):
+        if (candidate / "include" / "cuda_runtime_api.h").exists():
+            os.environ["CUDA_HOME"] = str(candidate)
+            return
+
+
 def _ext_modules():
     """``segkit._C`` from ``csrc/``: CPU kernels always, CUDA kernels when asked or possible."""
     if os.environ.get("SEGKIT_SKIP_CSRC", "0") == "1":
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -52,10 +73,8 @@ def _ext_modules():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["extra_compile_args"]["cxx"].append("-DWITH_CUDA")
-        kwargs["extra_compile_args"]["nvcc"] = [
-            "-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr",
-            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-            "-D__CUDA_NO_HALF2_OPERATORS__"]
+        # (cpp_extension adds --expt-relaxed-constexpr and the no-half-operator macros itself)
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DWITH_CUDA"]
         ext = cpp_extension.CUDAExtension(**kwargs)
     else:
         ext = cpp_extension.CppExtension(**kwargs)

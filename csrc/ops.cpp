@@ -10,9 +10,6 @@
 
 #include "segkit_ops.h"
 
-#ifdef WITH_CUDA
-#include <cuda.h>  // CUDA_VERSION
-#endif
 
 namespace segkit {
 
@@ -75,9 +72,7 @@ static py::dict build_info() {
   info["torch_version"] = SEGKIT_TORCH_VERSION;
 #ifdef WITH_CUDA
   info["devices"] = py::make_tuple("cpu", "cuda");
-#if defined(CUDA_VERSION)
-  info["cuda_version"] = CUDA_VERSION;
-#endif
+  info["cuda_version"] = segkit::cuda_build_version();
 #else
   info["devices"] = py::make_tuple("cpu");
 #endif

@@ -67,6 +67,12 @@ C10_HOST_DEVICE inline int64_t fpn_level(acc_t x1, acc_t y1, acc_t x2, acc_t y2,
   return static_cast<int64_t>(lvl) - min_level;
 }
 
+#ifdef WITH_CUDA
+// CUDART_VERSION the CUDA kernels were compiled with (csrc/cuda/info.cu: the CUDA headers are
+// only on nvcc's include path).
+int cuda_build_version();
+#endif
+
 // min_level of a list of scales 1/stride (checked to be consecutive powers of two).
 int64_t check_pyramid_scales(const char* op, at::ArrayRef<double> scales);
 

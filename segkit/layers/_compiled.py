@@ -56,9 +56,23 @@ def build_info() -> Dict[str, object]:
     return dict(_C.build_info()) if _C is not None else {}
 
 
-def supports(device: torch.device) -> bool:
-    """Whether the build has kernels for ``device`` (CPU always; CUDA if compiled with it)."""
-    return _C is not None and device.type in build_info().get("devices", ())
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_SUPPORTED: Dict[tuple, bool] = {}
+
+
+def supports(device: torch.device, op: str) -> bool:
+    """Whether ``segkit._C`` has a kernel of ``op`` for ``device``.
+
+    CPU kernels exist for every op; CUDA kernels when the build had CUDA, except for ops that
+    only have a CPU kernel (mask pasting), which then take the fallback on CUDA tensors.
+    """
+    key = (device.type, op)
+    if key not in _SUPPORTED:
+        dispatch_key = _DISPATCH_KEYS.get(device.type)
+        _SUPPORTED[key] = bool(
+            _C is not None and dispatch_key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"segkit::{op}", dispatch_key))
+    return _SUPPORTED[key]
 
 
 def _format_of(t: Tensor) -> torch.memory_format:

@@ -187,7 +187,7 @@ def get_backend() -> Dict[str, str]:
 def _impl(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` for tensors on ``device``."""
     name, fn = _BACKEND[op]
-    if name == COMPILED and not _compiled.supports(device):
+    if name == COMPILED and not _compiled.supports(device, op):
         return _FALLBACK[op][1]
     return fn
 

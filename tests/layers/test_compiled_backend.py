@@ -4,10 +4,13 @@
 build or does not load: every other test would still pass on torchvision's ops, only slower.
 """
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pytest
 import torch
 
 import segkit
@@ -64,3 +67,22 @@ def test_missing_build_falls_back_to_torchvision_with_one_warning():
     assert lines[0].startswith("1 ") and "blocked for the test" in lines[0]
     assert "pip install --no-build-isolation" in lines[0]
     assert lines[1] == "['torch.grid_sample', 'torchvision'] 4.0 [0]"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) installed")
+def test_cuda_kernels_compile_with_force_cuda(tmp_path):
+    """On a machine without a GPU the CUDA kernels are still compiled and linked, so they
+    cannot rot unseen: ``FORCE_CUDA=1 setup.py build_ext`` into a scratch directory."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0")
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "tmp"),
+         "--build-lib", str(tmp_path / "lib")], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    built = list((tmp_path / "lib" / "segkit").glob("_C*.so"))
+    assert len(built) == 1
+    # the CUDA objects are in the library (it cannot be loaded here: one segkit._C per process)
+    symbols = subprocess.run(["nm", "-C", "-D", "--defined-only", str(built[0])],
+                             capture_output=True, text=True).stdout
+    assert "segkit::cuda_build_version" in symbols
