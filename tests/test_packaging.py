@@ -1,4 +1,4 @@
-"""`pip install .` (not only -e) must ship the configs and the console scripts."""
+"""`pip install .` (not only -e) must ship the configs, the console scripts and segkit._C."""
 import configparser
 import os
 import subprocess
@@ -24,6 +24,7 @@ def test_wheel_ships_configs_and_entry_points(tmp_path):
                 for p in (ROOT / "configs").rglob("*.yaml")}
     assert expected and expected <= shipped
     assert "segkit/registry.py" in names
+    assert any(n.startswith("segkit/_C") and n.endswith(".so") for n in names)
     (ep_name,) = [n for n in names if n.endswith("entry_points.txt")]
     eps = configparser.ConfigParser()
     eps.read_string(zipfile.ZipFile(wheel).read(ep_name).decode())
@@ -34,13 +35,17 @@ def test_wheel_ships_configs_and_entry_points(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True, text=True)
     probe = ("import segkit; from segkit.config import compose; "
+             "from segkit.layers import _compiled, get_backend; "
              "cfg = compose(['experiment=mask_rcnn_r50_fpn_1x_coco']); "
-             "print(segkit.__file__); print(cfg.model.backbone.bottom_up.depth)")
+             "print(segkit.__file__); print(cfg.model.backbone.bottom_up.depth); "
+             "print(_compiled._C.__file__); print(get_backend()['roi_align'])")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(target)})
     assert out.returncode == 0, out.stderr[-2000:]
-    where, depth = out.stdout.split()
+    where, depth, ext, backend = out.stdout.split()
     assert Path(where).is_relative_to(target) and depth == "50"
+    # the wheel's own compiled ops load, not the source tree's
+    assert Path(ext).is_relative_to(target) and backend == "segkit._C"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -17,14 +17,14 @@
 // That is O(grid) work per bin and axis instead of O(grid^2) per bin, and it lets the taps be
 // computed once per RoI and shared by all channels.
 //
-// Layout: when the samples outnumber the map pixels (Mask R-CNN's heads), the maps are read in
-// channels-last so the inner loops run over contiguous channel vectors; otherwise NCHW planes
-// are read in place.
+// Layout: when the samples outnumber the map pixels (Mask R-CNN's heads), the forward reads
+// the maps in channels-last so the inner loops run over contiguous channel vectors; otherwise
+// it reads NCHW planes in place. The backward always accumulates channel vectors, band by band.
 //
-// Parallelism (at::parallel_for, every core): the forward splits (RoI x channel block) or
-// (channel x RoI chunk); the backward splits channels, each thread accumulating every RoI of
-// its channels in RoI order, so it needs no atomics and gives the same bits for any thread
-// count.
+// Parallelism (at::parallel_for, every core): the forward splits (channel block x RoI chunk)
+// or (channel x RoI chunk); the backward splits the gradient maps into bands of rows, each
+// thread accumulating every RoI's share of its bands in RoI order, so it needs no atomics and
+// gives the same bits for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -256,37 +256,6 @@ void pool_one(const RoiTaps<acc_t>& t, const MapView<const scalar_t>& in, int64_
   }
 }
 
-// Backward of one RoI for channels [c0, c1) of an NCHW grad map (acc_t): the adjoint of
-// pool_one (dT = A_y^T g, then each row's taps receive A_x^T dT). Called by one thread per
-// channel, RoIs in order.
-template <typename scalar_t, typename acc_t>
-void unpool_one(const RoiTaps<acc_t>& t, const scalar_t* grad, int64_t g_c, int64_t g_h,
-                int64_t g_w, int64_t c0, int64_t c1, int64_t ph_n, int64_t pw_n,
-                const MapView<acc_t>& gin, std::vector<acc_t>& dT) {
-  const int64_t nrows = static_cast<int64_t>(t.rows.size());
-  dT.resize(nrows * pw_n);
-  for (int64_t c = c0; c < c1; ++c) {
-    std::fill(dT.begin(), dT.end(), acc_t(0));
-    const scalar_t* gc = grad + c * g_c;
-    for (int64_t ph = 0; ph < ph_n; ++ph) {
-      for (int32_t e = t.y_off[ph]; e < t.y_off[ph + 1]; ++e) {
-        acc_t* dst = dT.data() + t.y_slot[e] * pw_n;
-        const acc_t w = t.y_w[e];
-        for (int64_t pw = 0; pw < pw_n; ++pw) dst[pw] += w * static_cast<acc_t>(gc[ph * g_h + pw * g_w]);
-      }
-    }
-    acc_t* plane = gin.data + t.batch * gin.s_n + c * gin.s_c;
-    for (int64_t r = 0; r < nrows; ++r) {
-      acc_t* row = plane + t.rows[r] * gin.s_h;
-      const acc_t* src = dT.data() + r * pw_n;
-      for (int64_t pw = 0; pw < pw_n; ++pw) {
-        const acc_t v = src[pw];
-        for (int32_t e = t.x_off[pw]; e < t.x_off[pw + 1]; ++e) row[t.x_idx[e] * gin.s_w] += t.x_w[e] * v;
-      }
-    }
-  }
-}
-
 // Channels-last backward. The gradient maps are split into bands of kBandRows rows (per level
 // and image); a thread owns a band, accumulates into a band buffer in channels-last (whole
 // channel vectors in the inner loops) every RoI's contribution to those rows in RoI order, then
@@ -503,51 +472,24 @@ std::vector<at::Tensor> pool_backward(const char* op, const at::Tensor& grad_in,
                                       const AlignParams& p, LevelFn level_of) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::MemoryFormat fmt = format_of(grad_in);  // the format of the returned gradients
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const int64_t K = rois.size(0);
   std::vector<std::array<double, 3>> geo;
   for (size_t l = 0; l < heights.size(); ++l) {
     geo.push_back({static_cast<double>(heights[l]), static_cast<double>(widths[l]), scales[l]});
   }
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast || compute_channels_last(K, p, geo);
   at::Tensor rois_acc = rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   auto taps = all_taps<acc_t>(op, rois_acc, B, geo, p, level_of);
-  if (cl) {
-    std::vector<at::Tensor> outs;
-    std::vector<MapView<scalar_t>> views;
-    for (size_t l = 0; l < heights.size(); ++l) {
-      outs.push_back(at::empty({B, C, heights[l], widths[l]}, grad.options(), fmt));
-      views.push_back(view_of<scalar_t>(outs.back()));
-    }
-    if (C > 0) unpool_bands<scalar_t, acc_t>(taps, grad.contiguous(at::MemoryFormat::ChannelsLast), views, C, p);
-    return outs;
-  }
-  std::vector<at::Tensor> gins;  // NCHW, accumulated in acc_t (float for half types)
-  auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // Always banded: it writes each gradient element once, in the output's own layout, so it
+  // costs no more than zero-filling NCHW maps would, and its inner loops are vectorised.
+  std::vector<at::Tensor> outs;
+  std::vector<MapView<scalar_t>> views;
   for (size_t l = 0; l < heights.size(); ++l) {
-    gins.push_back(at::zeros({B, C, heights[l], widths[l]}, acc_opts));
+    outs.push_back(at::empty({B, C, heights[l], widths[l]}, grad_in.options(), fmt));
+    views.push_back(view_of<scalar_t>(outs.back()));
   }
-  if (K > 0 && C > 0) {
-    std::vector<MapView<acc_t>> views;
-    for (auto& g : gins) views.push_back(view_of<acc_t>(g));
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    const int64_t g_n = grad.stride(0), g_c = grad.stride(1), g_h = grad.stride(2), g_w = grad.stride(3);
-    // A thread owns single channels (one NCHW plane, in cache) and adds every RoI into them
-    // in RoI order: no two threads touch one element, and the sums have a fixed order.
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> dT;
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t k = 0; k < K; ++k) {
-          const RoiTaps<acc_t>& t = taps[k];
-          if (t.empty) continue;
-          unpool_one<scalar_t, acc_t>(t, g + k * g_n, g_c, g_h, g_w, c, c + 1, p.pooled_height,
-                                      p.pooled_width, views[t.level], dT);
-        }
-      }
-    });
+  if (C > 0) {
+    unpool_bands<scalar_t, acc_t>(taps, grad_in.contiguous(at::MemoryFormat::ChannelsLast), views, C, p);
   }
-  for (auto& gi : gins) gi = gi.to(grad.scalar_type());
-  return gins;
+  return outs;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -123,6 +123,20 @@ def test_roi_align_backward_is_deterministic_for_any_thread_count():
             torch.set_num_threads(threads)
         for other in grads[1:]:
             assert torch.equal(grads[0], other)
+    # the FPN form: the same per-level writers, whatever the level mix
+    boxes = torch.cat([torch.zeros(200, 1), _pyramid_boxes(200, 120, 120, gen, torch.float32)], 1)
+    per_level = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            per_level.append(torch.ops.segkit._multilevel_roi_align_backward(
+                g, boxes, torch.ops.segkit.multilevel_roi_align(
+                    [torch.zeros(2, 40, 30, 30), torch.zeros(2, 40, 15, 15)], boxes, [0.25, 0.125],
+                    7, 7, 2, True, 224.0, 4)[1], [0.25, 0.125], 7, 7, 2, 40, [30, 15], [30, 15], 2, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in per_level[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(per_level[0], other))
 
 
 def test_roi_align_gradcheck_and_second_derivative():
