@@ -45,6 +45,27 @@ inline void check_pooled_size(const char* op, int64_t pooled_height, int64_t poo
               ": output size must be positive, got (", pooled_height, ", ", pooled_width, ")");
 }
 
+// Arguments of a pooling op's backward: grad must be (K, C, PH, PW) for the K rois, floating,
+// on the rois' device and of their dtype.
+inline void check_pooled_grad(const char* op, const at::Tensor& grad, const at::Tensor& rois,
+                              int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
+                              int64_t channels) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
+              ": rois must have shape (K, 5) [batch_idx, x1, y1, x2, y2], got ", shape_str(rois));
+  check_pooled_size(op, pooled_height, pooled_width);
+  TORCH_CHECK(batch_size >= 0 && channels >= 0, op, ": batch_size and channels must be >= 0");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+              op, ": grad must have shape (", rois.size(0), ", ", channels, ", ", pooled_height,
+              ", ", pooled_width, "), got ", shape_str(grad));
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
+              ": grad must be a floating tensor, got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == rois.device(), op, ": grad is on ", grad.device(),
+              " but rois are on ", rois.device(), "; expected the same device");
+  TORCH_CHECK(grad.scalar_type() == rois.scalar_type(), op, ": grad is ", grad.scalar_type(),
+              " but rois are ", rois.scalar_type(), "; expected the same dtype");
+}
+
 // FPN Eq. 1 (papers.md section 5): pyramid level of a box of area w*h, relative to min_level.
 // The 1e-6 keeps boxes of exactly 112, 224, ... px on the coarser level despite log2 rounding;
 // computed in `acc_t` (float for float/half/bfloat16 rois) as torchvision's MultiScaleRoIAlign.

@@ -515,11 +515,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t channels, int64_t height, int64_t width,
                                   int64_t sampling_ratio, bool aligned) {
   constexpr const char* op = "segkit::_roi_align_backward";
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-              op, ": grad must have shape (", rois.size(0), ", ", channels, ", ", pooled_height,
-              ", ", pooled_width, "), got ", shape_str(grad));
-  check_feature_and_rois(op, grad, rois);
+  check_pooled_grad(op, grad, rois, pooled_height, pooled_width, batch_size, channels);
   const AlignParams p{pooled_height, pooled_width, sampling_ratio, aligned};
   at::Tensor gin;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu", [&] {
@@ -586,7 +582,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
     int64_t batch_size, int64_t channels, at::IntArrayRef heights, at::IntArrayRef widths,
     int64_t sampling_ratio, bool aligned) {
   constexpr const char* op = "segkit::_multilevel_roi_align_backward";
-  check_feature_and_rois(op, grad, rois);
+  check_pooled_grad(op, grad, rois, pooled_height, pooled_width, batch_size, channels);
   TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0) && levels.scalar_type() == at::kLong,
               op, ": levels must be int64 of shape (", rois.size(0), "), got ", shape_str(levels));
   TORCH_CHECK(heights.size() == spatial_scales.size() && widths.size() == spatial_scales.size(), op,

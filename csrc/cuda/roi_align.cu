@@ -298,20 +298,7 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
 void check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& rois,
                          int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
                          int64_t channels) {
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
-              ": rois must have shape (K, 5) [batch_idx, x1, y1, x2, y2], got ", shape_str(rois));
-  check_pooled_size(op, pooled_height, pooled_width);
-  TORCH_CHECK(batch_size >= 0 && channels >= 0, op, ": batch_size and channels must be >= 0");
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-              op, ": grad must have shape (", rois.size(0), ", ", channels, ", ", pooled_height,
-              ", ", pooled_width, "), got ", shape_str(grad));
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
-              ": grad must be a floating tensor, got ", grad.scalar_type());
-  TORCH_CHECK(grad.device() == rois.device(), op, ": grad is on ", grad.device(),
-              " but rois are on ", rois.device(), "; expected the same device");
-  TORCH_CHECK(grad.scalar_type() == rois.scalar_type(), op, ": grad is ", grad.scalar_type(),
-              " but rois are ", rois.scalar_type(), "; expected the same dtype");
+  check_pooled_grad(op, grad, rois, pooled_height, pooled_width, batch_size, channels);
   check_device(op, grad, "grad");
 }
 
