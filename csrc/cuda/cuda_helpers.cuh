@@ -162,5 +162,21 @@ inline at::ScalarType grad_accumulation_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The zeroed (B, C, H, W) buffer a backward kernel adds into: grad's memory format,
+// grad_accumulation_dtype. (at::empty honours the format in the options; at::zeros does not.)
+inline at::Tensor zeroed_grad_accumulator(const at::Tensor& grad, int64_t batch_size,
+                                          int64_t channels, int64_t height, int64_t width) {
+  return at::empty({batch_size, channels, height, width},
+                   grad.options()
+                       .dtype(grad_accumulation_dtype(grad.scalar_type()))
+                       .memory_format(format_of(grad)))
+      .zero_();
+}
+
+// The accumulated gradient in grad's dtype (.to() keeps the memory format).
+inline at::Tensor finish_grad(const at::Tensor& acc, const at::Tensor& grad) {
+  return acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
+}
+
 }  // namespace cuda
 }  // namespace segkit

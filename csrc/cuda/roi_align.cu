@@ -314,10 +314,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   DeviceGuard guard(grad.device());
 
   const at::MemoryFormat fmt = format_of(grad);
-  const at::ScalarType acc = grad_accumulation_dtype(grad.scalar_type());
-  // at::empty + zero_: at::zeros ignores the memory format in TensorOptions.
-  at::Tensor grad_acc = at::empty({batch_size, channels, height, width},
-                                  grad.options().dtype(acc).memory_format(fmt)).zero_();
+  at::Tensor grad_acc = zeroed_grad_accumulator(grad, batch_size, channels, height, width);
   if (grad.numel() > 0 && grad_acc.numel() > 0) {
     const at::Tensor r = rois.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -332,8 +329,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
       for_each(grad.numel(), f, current_stream());
     });
   }
-  // .to() keeps grad_acc's memory format.
-  return acc == grad.scalar_type() ? grad_acc : grad_acc.to(grad.scalar_type());
+  return finish_grad(grad_acc, grad);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -499,12 +495,10 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
   DeviceGuard guard(grad.device());
 
   const at::MemoryFormat fmt = format_of(grad);
-  const at::ScalarType acc = grad_accumulation_dtype(grad.scalar_type());
   std::vector<at::Tensor> grads;
   grads.reserve(L);
   for (int64_t l = 0; l < L; ++l) {
-    grads.push_back(at::empty({batch_size, channels, heights[l], widths[l]},
-                              grad.options().dtype(acc).memory_format(fmt)).zero_());
+    grads.push_back(zeroed_grad_accumulator(grad, batch_size, channels, heights[l], widths[l]));
   }
   if (grad.numel() > 0 && batch_size > 0) {
     const at::Tensor r = rois.contiguous();
@@ -527,9 +521,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
       for_each(grad.numel(), f, current_stream());
     });
   }
-  if (acc != grad.scalar_type()) {
-    for (auto& g : grads) g = g.to(grad.scalar_type());
-  }
+  for (auto& g : grads) g = finish_grad(g, grad);
   return grads;
 }
 

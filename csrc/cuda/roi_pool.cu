@@ -182,10 +182,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
   DeviceGuard guard(grad.device());
 
   const at::MemoryFormat fmt = format_of(grad);
-  const at::ScalarType acc = grad_accumulation_dtype(grad.scalar_type());
-  // at::empty + zero_: at::zeros ignores the memory format in TensorOptions.
-  at::Tensor grad_acc = at::empty({batch_size, channels, height, width},
-                                  grad.options().dtype(acc).memory_format(fmt)).zero_();
+  at::Tensor grad_acc = zeroed_grad_accumulator(grad, batch_size, channels, height, width);
   if (grad.numel() > 0 && grad_acc.numel() > 0) {
     const at::Tensor r = rois.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -200,7 +197,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
       for_each(grad.numel(), f, current_stream());
     });
   }
-  return acc == grad.scalar_type() ? grad_acc : grad_acc.to(grad.scalar_type());
+  return finish_grad(grad_acc, grad);
 }
 
 }  // namespace
