@@ -5,6 +5,9 @@ Usage::
     python -m segkit.checkpoint.convert --from torchvision maskrcnn_resnet50_fpn_coco.pth \\
         mask_rcnn_r50_fpn_torchvision.pth [--experiment NAME]
 
+(``fasterrcnn_resnet50_fpn`` and ``retinanet_resnet50_fpn`` files work the same way; the
+experiment is inferred from the weights.)
+
 The output is the segkit checkpoint format (``segkit.checkpoint.io``): ``{"model": state_dict,
 "meta": {"format": "segkit", "version": 1, "config": None, "classes": [...], "experiment":
 NAME, "iteration": -1}}``, loadable with ``torch.load(..., weights_only=True)``. Evaluate it

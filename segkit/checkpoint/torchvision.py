@@ -1,4 +1,5 @@
-"""Convert torchvision Faster/Mask R-CNN (ResNet-FPN, v1) weights into segkit's key layout.
+"""Convert torchvision Faster/Mask R-CNN and RetinaNet (ResNet-FPN, v1) weights into segkit's
+key layout.
 
 torchvision and segkit build the same networks (FPN, papers.md section 5; Mask R-CNN, section
 7) with different parameter names and one different convention: torchvision's softmax puts the
@@ -12,6 +13,12 @@ The converted model reproduces torchvision's detections when built from the expe
 configs ``mask_rcnn_r50_fpn_torchvision`` / ``faster_rcnn_r50_fpn_torchvision`` (torchvision
 RoIAlign settings, anchor rounding, ...); ``tests/modeling/test_torchvision_parity.py``
 checks it.
+
+RetinaNet (``retinanet_resnet50_fpn``) has sigmoid outputs and no background class, but
+torchvision's COCO model still reserves output 0 for it (never a positive target); the
+converter drops that output from every anchor's block, which gives the same ``num_classes =
+90`` and class mapping. Its model is ``retinanet_r50_fpn_torchvision``
+(``tests/modeling/test_retinanet.py`` checks the parity).
 """
 from __future__ import annotations
 
@@ -22,11 +29,13 @@ import torch
 from torch import Tensor
 
 from segkit.modeling.backbone import convert_torchvision_fpn
+from segkit.modeling.dense_heads import convert_torchvision_retinanet_head
 from segkit.modeling.proposal_generator import convert_torchvision_rpn_head
 
 __all__ = ["UnsupportedCheckpointError", "convert_torchvision_detection"]
 
-SUPPORTED = "torchvision maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn (v1) state dicts"
+SUPPORTED = ("torchvision maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn (v1) or "
+             "retinanet_resnet50_fpn (v1) state dicts")
 # (blocks in layer1..4, bottleneck?) -> ResNet depth
 _DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
            ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
@@ -65,13 +74,15 @@ def convert_torchvision_detection(
 
     Args:
         state_dict: ``model.state_dict()`` of ``torchvision.models.detection.
-            maskrcnn_resnet50_fpn`` or ``fasterrcnn_resnet50_fpn`` (any ``num_classes``), or a
-            dict holding it under ``"model"`` (torchvision's reference training scripts).
+            maskrcnn_resnet50_fpn``, ``fasterrcnn_resnet50_fpn`` or ``retinanet_resnet50_fpn``
+            (any ``num_classes``), or a dict holding it under ``"model"`` (torchvision's
+            reference training scripts). A ``head.*`` key selects RetinaNet (``one_stage``).
 
     Returns:
         (segkit_state_dict, info) with info ``{"arch": "maskrcnn_resnet50_fpn" |
-        "fasterrcnn_resnet50_fpn", "depth": int, "num_classes": K (torchvision's outputs - 1),
-        "has_mask": bool, "experiment": matching experiment config name or None}``.
+        "fasterrcnn_resnet50_fpn" | "retinanet_resnet50_fpn", "depth": int, "num_classes": K
+        (torchvision's outputs - 1), "has_mask": bool, "experiment": matching experiment
+        config name or None}``.
 
     Raises:
         UnsupportedCheckpointError: keys that are not part of a supported model (listed), or
@@ -84,6 +95,8 @@ def convert_torchvision_detection(
     if non_tensors:
         raise UnsupportedCheckpointError(f"values of {non_tensors[:5]} are not tensors; expected "
                                          f"{SUPPORTED}")
+    if any(k.startswith("head.") for k in state_dict):
+        return _convert_retinanet(state_dict)
     out: Dict[str, Tensor] = {}
     used: set = set()
     unexpected: List[str] = []
@@ -154,4 +167,37 @@ def convert_torchvision_detection(
         experiment = f"{'mask' if has_mask else 'faster'}_rcnn_r50_fpn_torchvision"
     info = {"arch": arch, "depth": depth, "num_classes": num_classes, "has_mask": has_mask,
             "experiment": experiment}
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}, info
+
+
+def _convert_retinanet(state_dict: Mapping[str, Tensor]
+                       ) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """RetinaNet branch of :func:`convert_torchvision_detection` (``one_stage`` layout)."""
+    backbone = {k: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    head = {k: v for k, v in state_dict.items() if k.startswith("head.")}
+    unexpected = [k for k in state_dict if k not in backbone and k not in head]
+    if unexpected:
+        raise UnsupportedCheckpointError(
+            f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+            f"({len(unexpected)} in all); expected {SUPPORTED}")
+    try:
+        # RetinaNet's FPN starts at C3: torchvision inner block i is level i + 3
+        fpn = convert_torchvision_fpn(backbone, levels=(3, 4, 5), prefix="backbone.")
+        out = {"backbone." + k: v for k, v in fpn.items()}
+        out.update(convert_torchvision_retinanet_head(head, prefix="head.", out_prefix="head."))
+    except ValueError as e:
+        raise UnsupportedCheckpointError(f"{e}; expected {SUPPORTED}") from e
+    required = ["head.cls_score.weight", "head.bbox_pred.weight", "head.cls_subnet.0.weight",
+                "head.bbox_subnet.0.weight", "backbone.fpn_lateral3.weight",
+                "backbone.top_block.p6.weight", "backbone.bottom_up.stem.conv1.weight"]
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise UnsupportedCheckpointError(f"missing parts {missing} (no torchvision key maps to "
+                                         f"them); expected {SUPPORTED}")
+    num_anchors = out["head.bbox_pred.weight"].shape[0] // 4
+    num_classes = out["head.cls_score.weight"].shape[0] // num_anchors
+    depth = _resnet_depth(state_dict)
+    info = {"arch": f"retinanet_resnet{depth}_fpn", "depth": depth, "num_classes": num_classes,
+            "has_mask": False,
+            "experiment": "retinanet_r50_fpn_torchvision" if depth == 50 else None}
     return {k: v.detach().clone().contiguous() for k, v in out.items()}, info

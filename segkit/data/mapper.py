@@ -3,7 +3,9 @@
 The output is the model input of README.md, "Conventions"::
 
     {"image": uint8 Tensor (3, H', W') RGB, resized, "height": H, "width": W (original size),
-     "file_name": str, "image_id": int, "instances": Instances (training only) with
+     "file_name": str, "image_id": int, "transforms": TransformList (the geometric
+     transform applied to the image, e.g. for precomputed proposals), "instances":
+     Instances (training only) with
      gt_boxes: Boxes (N, 4) XYXY absolute at (H', W'), gt_classes: int64 (N,),
      gt_masks: PolygonMasks or BitMasks (N, H', W')}
 """
@@ -129,8 +131,9 @@ class DatasetMapper:
 
         Returns:
             The model input of the module docstring: ``image`` uint8 (3, H', W') RGB,
-            ``height``/``width`` (the original size), ``file_name``, ``image_id`` and, in
-            training, ``instances`` (boxes XYXY at (H', W')).
+            ``height``/``width`` (the original size), ``file_name``, ``image_id``,
+            ``transforms`` (original -> input coordinates) and, in training, ``instances``
+            (boxes XYXY at (H', W')).
 
         Raises:
             ImageReadError: the image cannot be read.
@@ -145,7 +148,8 @@ class DatasetMapper:
             raise _size_mismatch(path, image.shape[:2], h, w)
         image, tfm = apply_augmentations(self.augmentations, image, rng)
         out = {"file_name": path, "image_id": record.get("image_id"), "height": h, "width": w,
-               "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+               "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+               "transforms": tfm}
         if self.is_train:
             out["instances"] = self.annotations_to_instances(
                 record.get("annotations", []), tfm, (h, w), image.shape[:2], path)

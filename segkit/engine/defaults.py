@@ -182,18 +182,26 @@ def iou_types(cfg: DictConfig) -> List[str]:
 
 def evaluate(cfg: DictConfig, model: nn.Module, records: List[dict], metadata: Mapping,
              output_dir: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """COCO AP of ``model`` on ``records`` (the first ``evaluation.max_images`` when set).
+    """Evaluate ``model`` on ``records`` (the first ``evaluation.max_images`` when set) with the
+    evaluator named by ``evaluation.name`` (``coco``: AP; ``proposals``: class-agnostic AR).
+
+    The other keys of ``evaluation`` (besides ``iou_types`` and ``max_images``) are passed to
+    the evaluator's constructor, e.g. ``max_dets`` of ``proposals``.
 
     Returns:
-        ``{"bbox": {"AP": ..., ...}, "segm": {...}}`` in percent.
+        ``{"bbox": {"AP": ..., ...}, "segm": {...}}`` (or ``{"AR@100": ...}``...) in percent.
     """
-    from segkit.evaluation import COCOEvaluator, inference_on_dataset
+    from segkit.evaluation import inference_on_dataset
+    from segkit.registry import EVALUATORS, build
 
     max_images = cfg.evaluation.get("max_images")
     if max_images is not None:
         # Ground truth and predictions must cover the same images, so cut the records here.
         records = records[: int(max_images)]
-    evaluator = COCOEvaluator(records, metadata, iou_types=iou_types(cfg), output_dir=output_dir)
+    node = {k: v for k, v in cfg.evaluation.items() if k not in ("iou_types", "max_images")}
+    node.setdefault("name", "coco")
+    evaluator = build(node, EVALUATORS, "evaluation", records=records, metadata=metadata,
+                      iou_types=iou_types(cfg), output_dir=output_dir)
     return inference_on_dataset(model, build_test_loader(cfg, records), evaluator)
 
 
@@ -212,14 +220,14 @@ def format_results_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """``{task: {metric: value}}`` as a readable table, one row per task (bbox, segm)."""
     from tabulate import tabulate
 
-    rows = []
-    for task, metrics in results.items():
-        if not isinstance(metrics, Mapping):
-            continue
-        rows.append([task] + [metrics.get(m, math.nan) for m in _MAIN_METRICS])
-    if not rows:
+    tasks = {t: m for t, m in results.items() if isinstance(m, Mapping)}
+    if not tasks:
         return "(no evaluation results)"
-    return tabulate(rows, headers=["task", *_MAIN_METRICS], tablefmt="github", floatfmt=".2f")
+    # AP tables show the COCO summary columns; other evaluators (proposal AR) all their metrics
+    first = next(iter(tasks.values()))
+    columns = list(_MAIN_METRICS) if "AP" in first else [k for k in first if not k.startswith("AP-")]
+    rows = [[task] + [metrics.get(m, math.nan) for m in columns] for task, metrics in tasks.items()]
+    return tabulate(rows, headers=["task", *columns], tablefmt="github", floatfmt=".2f")
 
 
 def save_results_json(results: Mapping[str, Any], path: str, **extra: Any) -> str:

@@ -221,7 +221,7 @@ def _no_detections(coco_gt: COCO) -> COCO:
 
 def run_coco_eval(
     coco_gt: COCO, results: List[Dict], iou_type: str, img_ids: Optional[Sequence[int]] = None,
-    max_dets: Sequence[int] = (1, 10, 100),
+    max_dets: Sequence[int] = (1, 10, 100), use_cats: bool = True,
 ) -> tuple:
     """Run ``COCOeval`` on in-memory results.
 
@@ -232,6 +232,8 @@ def run_coco_eval(
         iou_type: "bbox" or "segm".
         img_ids: images to evaluate (default: every ground-truth image).
         max_dets: the three per-image detection limits (ascending).
+        use_cats: False sets ``params.useCats = 0``: categories are ignored and every
+            detection may match every ground truth of its image (class-agnostic proposals).
 
     Returns:
         ``(coco_eval, stats)``: the accumulated ``COCOeval`` and the summary stats dict
@@ -256,6 +258,7 @@ def run_coco_eval(
         coco_dt = coco_gt.loadRes(results) if results else _no_detections(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
         coco_eval.params.maxDets = sorted(int(m) for m in max_dets)
+        coco_eval.params.useCats = int(bool(use_cats))
         if img_ids is not None:
             coco_eval.params.imgIds = sorted(int(i) for i in img_ids)
         coco_eval.evaluate()

@@ -12,7 +12,8 @@ from segkit.config import compose, list_experiments, project_config_sources
 CORE_EXPERIMENTS = {
     "mask_rcnn_r18_fpn_embedded", "mask_rcnn_r50_fpn_1x_coco", "mask_rcnn_r101_fpn_1x_coco",
     "faster_rcnn_r50_fpn_1x_coco", "mask_rcnn_r50_fpn_torchvision",
-    "faster_rcnn_r50_fpn_torchvision",
+    "faster_rcnn_r50_fpn_torchvision", "retinanet_r50_fpn_1x_coco", "retinanet_r18_fpn_embedded",
+    "retinanet_r50_fpn_torchvision", "rpn_r50_fpn_1x_coco", "rpn_r18_fpn_embedded",
 }
 
 

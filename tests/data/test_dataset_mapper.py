@@ -28,7 +28,11 @@ def _by_box(inst):
 def test_train_output_format_resize_and_flip_by_hand(records):
     mapper = DatasetMapper(True, [20], 1000, flip_prob=1.0, mask_format="polygon")
     out = mapper(records[0], rng=np.random.default_rng(0))
-    assert set(out) == {"file_name", "image_id", "height", "width", "image", "instances"}
+    assert set(out) == {"file_name", "image_id", "height", "width", "image", "instances",
+                        "transforms"}
+    # the recorded transform maps original coordinates like the image: resize 0.5, then flip
+    np.testing.assert_allclose(out["transforms"].apply_boxes(np.array([[10.0, 4, 30, 16]])),
+                               [[15.0, 2, 25, 8]])
     assert (out["height"], out["width"], out["image_id"]) == (40, 60, 10)  # original size
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 20, 30)
     # the image really is the flipped, resized file

@@ -17,9 +17,10 @@ from segkit.registry import (BACKBONES, HEADS, META_ARCHS, PROPOSAL_GENERATORS, 
 from segkit.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
 
 K = 3
-TESTED = {"backbone": {"resnet", "fpn"}, "proposal_generator": {"rpn"},
-          "roi_heads": {"standard"}, "head": {"fc_box_head", "mask_rcnn_conv_upsample"},
-          "meta_arch": {"two_stage"}}
+TESTED = {"backbone": {"resnet", "fpn"}, "proposal_generator": {"rpn", "precomputed"},
+          "roi_heads": {"standard"},
+          "head": {"fc_box_head", "mask_rcnn_conv_upsample", "retinanet"},
+          "meta_arch": {"two_stage", "one_stage", "proposal_only"}}
 RESNET = {"name": "resnet", "depth": 18, "base_channels": 8, "norm": "frozen_bn", "freeze_at": 1}
 FPN = {"name": "fpn", "out_channels": 8, "bottom_up": RESNET}
 SHAPES = {f"p{k}": ShapeSpec(8, 2 ** k) for k in range(2, 7)}
@@ -171,6 +172,46 @@ def test_two_stage_with_and_without_gt():
     _assert_trainable_grads(model)
 
 
+def test_retinanet_head_with_and_without_gt():
+    torch.manual_seed(0)
+    shapes = {f"p{k}": ShapeSpec(8, 2 ** k) for k in range(3, 8)}
+    head = build({"name": "retinanet", "num_classes": K, "conv_dim": 8, "norm": "gn",
+                  "anchor_sizes": [[16], [32], [64], [128], [256]],
+                  "cls_loss": {"name": "focal"}, "box_loss": {"name": "smooth_l1", "beta": 0.1}},
+                 HEADS, input_shape=shapes).train()
+    gen = torch.Generator().manual_seed(0)
+    features = {f"p{k}": torch.randn(2, 8, -(-64 // 2 ** k), -(-96 // 2 ** k), generator=gen)
+                .requires_grad_() for k in range(3, 8)}
+    images = ImageList(torch.zeros(2, 3, 64, 96), [(64, 96), (48, 64)])
+    gt = [_gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2]), _gt((48, 64), torch.zeros(0, 4), [])]
+    _, losses = head(images, features, gt)
+    assert set(losses) == {"loss_cls", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    _assert_trainable_grads(head)
+    assert features["p3"].grad is not None
+
+
+def test_one_stage_with_and_without_gt():
+    torch.manual_seed(0)
+    model = build({
+        "name": "one_stage", "pixel_mean": [120.0, 115.0, 100.0], "pixel_std": [58.0, 57.0, 57.0],
+        "backbone": dict(FPN, in_features=["res3", "res4", "res5"], top_block="p6p7",
+                         bottom_up=dict(RESNET, out_features=["res3", "res4", "res5"])),
+        "head": {"name": "retinanet", "num_classes": K,
+                 "anchor_sizes": [[16], [32], [64], [128], [256]]},
+    }, META_ARCHS, path="model").train()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 96), generator=gen, dtype=torch.uint8),
+               "instances": _gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2])},
+              {"image": torch.randint(0, 256, (3, 48, 64), generator=gen, dtype=torch.uint8),
+               "instances": _gt((48, 64), torch.zeros(0, 4), [])}]
+    losses = model(inputs)
+    assert len(losses) == 2 and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    _assert_trainable_grads(model)
+
+
 def test_every_registered_modeling_component_is_tested_here():
     registries = {"backbone": BACKBONES, "proposal_generator": PROPOSAL_GENERATORS,
                   "roi_heads": ROI_HEADS, "head": HEADS, "meta_arch": META_ARCHS}
@@ -179,3 +220,46 @@ def test_every_registered_modeling_component_is_tested_here():
                 if registry.entry(k).obj.__module__.startswith("segkit.modeling.")}
         assert ours == TESTED[kind], f"{kind}: registered {sorted(ours)}, tested here " \
                                      f"{sorted(TESTED[kind])}"
+
+
+def test_precomputed_proposals_follow_the_resize(tmp_path):
+    from segkit.data.proposals import save_proposals
+
+    path = save_proposals(str(tmp_path / "p.pth"),
+                          boxes={7: torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 5.0, 5.0]])},
+                          scores={7: torch.tensor([0.2, 0.9])}, image_sizes={7: (100, 200)})
+    gen = build({"name": "precomputed", "file": path}, PROPOSAL_GENERATORS).eval()
+    images = ImageList(torch.zeros(1, 3, 50, 100), [(50, 100)])  # the image at half size
+    (props,), losses = gen(images, {}, None, batched_inputs=[
+        {"image_id": 7, "height": 100, "width": 200}])
+    assert losses == {}
+    # sorted by score, scaled by 1/2 with the image, scores kept as logits
+    torch.testing.assert_close(props.proposal_boxes.tensor,
+                               torch.tensor([[0.0, 0.0, 2.5, 2.5], [5.0, 10.0, 15.0, 20.0]]))
+    torch.testing.assert_close(torch.sigmoid(props.objectness_logits), torch.tensor([0.9, 0.2]))
+
+
+def test_proposal_only_with_and_without_gt():
+    torch.manual_seed(0)
+    model = build({
+        "name": "proposal_only", "pixel_mean": [120.0, 115.0, 100.0], "pixel_std": [58.0, 57.0, 57.0],
+        "backbone": FPN,
+        "proposal_generator": {"name": "rpn", "in_features": ["p2", "p3", "p4", "p5", "p6"],
+                               "anchor_sizes": [[16], [32], [64], [128], [256]],
+                               "post_nms_topk_test": 20},
+    }, META_ARCHS, path="model").train()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 96), generator=gen, dtype=torch.uint8),
+               "instances": _gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2])},
+              {"image": torch.randint(0, 256, (3, 48, 64), generator=gen, dtype=torch.uint8),
+               "instances": _gt((48, 64), torch.zeros(0, 4), [])}]
+    losses = model(inputs)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
+    sum(losses.values()).backward()
+    _assert_trainable_grads(model, expect_nonzero=False)
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": inputs[0]["image"], "height": 128, "width": 192}])
+    inst = out[0]["instances"]
+    assert inst.image_size == (128, 192) and 0 < len(inst) <= 20
+    assert (inst.pred_classes == 0).all() and (inst.scores[:-1] >= inst.scores[1:]).all()

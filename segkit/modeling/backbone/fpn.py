@@ -73,8 +73,9 @@ class FPN(nn.Module):
         top_block: "maxpool" (adds p6 for the RPN), "p6p7" (adds p6, p7 for RetinaNet) or
             None.
         top_block_in_feature: input of the p6p7 block: the last bottom-up feature (C5, the
-            RetinaNet paper's choice, default) or the coarsest pyramid level ("p5", as
-            torchvision's RetinaNet v2). "maxpool" always reads the coarsest pyramid level.
+            RetinaNet paper's choice, default, and torchvision's RetinaNet v2) or the coarsest
+            pyramid level ("p5", torchvision's ``retinanet_resnet50_fpn`` v1, whose
+            ``LastLevelP6P7(256, 256)`` reads P5). "maxpool" always reads the coarsest level.
         fuse_type: "sum" (paper) or "avg" of the lateral and up-sampled top-down maps.
         size_divisibility: input padding multiple so that every level aligns with the next
             (32 = the stride of C5).

@@ -3,8 +3,9 @@
 Every location of every level carries A anchors (one size per level, 3 aspect ratios); a shared
 head predicts an objectness logit and 4 box deltas per anchor. Training labels anchors with
 IoU thresholds (positive > 0.7 or best for a GT, negative < 0.3), samples 256 per image at up
-to 1:1 and applies BCE + smooth-L1/L1. Inference keeps the top-k anchors of each level, decodes
-and clips them, and runs NMS per level before keeping the best proposals of the image.
+to 1:1 and applies BCE + smooth-L1/L1 (either can be replaced by a LOSSES entry through the
+``cls_loss`` / ``box_loss`` config nodes). Inference keeps the top-k anchors of each level,
+decodes and clips them, and runs NMS per level before keeping the best proposals of the image.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from torch import Tensor, nn
 from segkit.layers import ShapeSpec, batched_nms, cat
 from segkit.modeling.anchors import DefaultAnchorGenerator
 from segkit.modeling.box_coder import Box2BoxTransform
+from segkit.modeling.losses import SmoothL1Loss, box_regression_loss, check_reduction
 from segkit.modeling.matcher import Matcher
 from segkit.modeling.sampler import subsample_labels
-from segkit.registry import PROPOSAL_GENERATORS
+from segkit.registry import LOSSES, PROPOSAL_GENERATORS, Child
 from segkit.structures import Boxes, ImageList, Instances, pairwise_iou
 
 from .rpn_head import StandardRPNHead
@@ -27,7 +29,10 @@ from .rpn_head import StandardRPNHead
 __all__ = ["RPN"]
 
 
-@PROPOSAL_GENERATORS.register("rpn")
+@PROPOSAL_GENERATORS.register("rpn", children={
+    "box_loss": Child(LOSSES, optional=True),
+    "cls_loss": Child(LOSSES, optional=True),
+})
 class RPN(nn.Module):
     """Region Proposal Network: ``(images, features, gt) -> (proposals, losses)``.
 
@@ -51,8 +56,16 @@ class RPN(nn.Module):
             0 removes only empty boxes (torchvision uses 1e-3).
         score_thresh: proposals need sigmoid(objectness) >= this (torchvision's score_thresh).
         loss_weight_cls, loss_weight_loc: multipliers of ``loss_rpn_cls`` / ``loss_rpn_loc``.
-        smooth_l1_beta: beta of the smooth-L1 box loss; 0 means L1.
-        box_reg_loss: "smooth_l1" or "l1".
+        smooth_l1_beta: beta of the smooth-L1 box loss; 0 means L1 (used when ``box_loss`` is
+            not given).
+        box_reg_loss: "smooth_l1" or "l1" (used when ``box_loss`` is not given).
+        box_loss: optional LOSSES module (config node, e.g. ``{name: giou}`` or
+            ``{name: smooth_l1, beta: 0.111}``) replacing ``smooth_l1_beta``/``box_reg_loss``;
+            ``giou`` is applied to decoded boxes. Must use ``reduction: sum``.
+        cls_loss: optional LOSSES module for the objectness, called as
+            ``(logits (S,), targets (S,) 0/1)`` on the S sampled anchors, e.g. ``{name: focal}``;
+            ``None`` is binary cross-entropy. Must use ``reduction: sum``.
+        Both losses are divided by ``batch_size_per_image * N`` (see :meth:`losses`).
     """
 
     def __init__(self, input_shape: Dict[str, ShapeSpec],
@@ -69,7 +82,8 @@ class RPN(nn.Module):
                  post_nms_topk_train: int = 1000, post_nms_topk_test: int = 1000,
                  nms_thresh: float = 0.7, min_box_size: float = 0.0, score_thresh: float = 0.0,
                  loss_weight_cls: float = 1.0, loss_weight_loc: float = 1.0,
-                 smooth_l1_beta: float = 0.0, box_reg_loss: str = "smooth_l1"):
+                 smooth_l1_beta: float = 0.0, box_reg_loss: str = "smooth_l1",
+                 box_loss: Optional[nn.Module] = None, cls_loss: Optional[nn.Module] = None):
         super().__init__()
         in_features = list(in_features)
         missing = [f for f in in_features if f not in input_shape]
@@ -105,6 +119,15 @@ class RPN(nn.Module):
         self.score_thresh = score_thresh
         self.loss_weight = {"loss_rpn_cls": loss_weight_cls, "loss_rpn_loc": loss_weight_loc}
         self.smooth_l1_beta = 0.0 if box_reg_loss == "l1" else float(smooth_l1_beta)
+        if box_loss is not None and (smooth_l1_beta != 0.0 or box_reg_loss != "smooth_l1"):
+            raise ValueError("rpn: set either box_loss or the legacy smooth_l1_beta/box_reg_loss, "
+                             "not both")
+        check_reduction(box_loss, ("sum",), "model.proposal_generator.box_loss")
+        check_reduction(cls_loss, ("sum",), "model.proposal_generator.cls_loss")
+        # Default: the legacy smooth-L1/L1 on deltas, summed (identical numbers).
+        self.box_loss = (box_loss if box_loss is not None
+                         else SmoothL1Loss(self.smooth_l1_beta, reduction="sum"))
+        self.cls_loss = cls_loss  # None: BCE on the sampled anchors
 
     def forward(self, images: ImageList, features: Dict[str, Tensor],
                 gt_instances: Optional[List[Instances]] = None
@@ -188,15 +211,14 @@ class RPN(nn.Module):
         logits_all, deltas_all = cat(logits, dim=1), cat(deltas, dim=1)
         pos = labels == 1
         valid = labels >= 0
-        targets = self.box2box_transform.get_deltas(
-            all_anchors[None].expand_as(matched)[pos], matched[pos])
-        if self.smooth_l1_beta > 0:
-            loss_loc = F.smooth_l1_loss(deltas_all[pos], targets, beta=self.smooth_l1_beta,
-                                        reduction="sum")
+        loss_loc = box_regression_loss(self.box_loss, self.box2box_transform, deltas_all[pos],
+                                       all_anchors[None].expand_as(matched)[pos], matched[pos])
+        cls_targets = labels[valid].to(logits_all.dtype)
+        if self.cls_loss is None:
+            loss_cls = F.binary_cross_entropy_with_logits(logits_all[valid], cls_targets,
+                                                          reduction="sum")
         else:
-            loss_loc = (deltas_all[pos] - targets).abs().sum()
-        loss_cls = F.binary_cross_entropy_with_logits(
-            logits_all[valid], labels[valid].to(logits_all.dtype), reduction="sum")
+            loss_cls = self.cls_loss(logits_all[valid], cls_targets)
         normalizer = self.batch_size_per_image * len(gt_instances)
         return {"loss_rpn_cls": loss_cls * (self.loss_weight["loss_rpn_cls"] / normalizer),
                 "loss_rpn_loc": loss_loc * (self.loss_weight["loss_rpn_loc"] / normalizer)}

@@ -7,7 +7,7 @@ Boxes are XYXY absolute pixels on the network-input image.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from segkit.layers import batched_nms
 from segkit.modeling.box_coder import Box2BoxTransform
+from segkit.modeling.losses import box_regression_loss
 from segkit.structures import Boxes, Instances
 
 __all__ = ["FastRCNNOutputLayers", "fast_rcnn_losses", "fast_rcnn_inference", "decode_boxes"]
@@ -80,6 +81,8 @@ def fast_rcnn_losses(
     gt_classes: Tensor,
     transform: Box2BoxTransform,
     smooth_l1_beta: float = 0.0,
+    cls_loss: Optional[nn.Module] = None,
+    box_loss: Optional[nn.Module] = None,
 ) -> dict:
     """Softmax classification + class-specific box regression losses on sampled RoIs.
 
@@ -94,7 +97,12 @@ def fast_rcnn_losses(
         gt_classes: (R,) int64 targets in 0..K (K = background).
         transform: box coder giving the regression targets.
         smooth_l1_beta: smooth-L1 transition point; 0 gives plain L1 (detectron2 default),
-            torchvision uses 1/9.
+            torchvision uses 1/9. Used when ``box_loss`` is None.
+        cls_loss: optional LOSSES module called as ``(scores (R, K+1), gt_classes (R,))``;
+            reduction "mean" is used as is, "sum" is divided by R. None: mean cross-entropy.
+        box_loss: optional LOSSES module with reduction "sum" (divided by R) on the foreground
+            RoIs, on deltas (``smooth_l1``) or on decoded boxes (``giou``); None: smooth-L1 /
+            L1 with ``smooth_l1_beta``.
 
     Returns:
         ``{"loss_cls": scalar, "loss_box_reg": scalar}``.
@@ -104,10 +112,18 @@ def fast_rcnn_losses(
         zero = scores.sum() * 0.0 + deltas.sum() * 0.0  # keep the graph for DDP
         return {"loss_cls": zero, "loss_box_reg": zero}
     num_classes = scores.shape[1] - 1
-    loss_cls = F.cross_entropy(scores, gt_classes, reduction="mean")
+    if cls_loss is None:
+        loss_cls = F.cross_entropy(scores, gt_classes, reduction="mean")
+    else:
+        loss_cls = cls_loss(scores, gt_classes)
+        if getattr(cls_loss, "reduction", "mean") == "sum":
+            loss_cls = loss_cls / num
 
     fg = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes), as_tuple=True)[0]
     pred = deltas.reshape(num, -1, 4)[fg, gt_classes[fg]]
+    if box_loss is not None:
+        loss_box = box_regression_loss(box_loss, transform, pred, proposal_boxes[fg], gt_boxes[fg])
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box / num}
     target = transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
     if smooth_l1_beta > 0:
         loss_box = F.smooth_l1_loss(pred, target, beta=smooth_l1_beta, reduction="sum")

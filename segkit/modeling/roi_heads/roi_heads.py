@@ -17,7 +17,8 @@ from segkit.layers import ShapeSpec
 from segkit.modeling.box_coder import Box2BoxTransform
 from segkit.modeling.matcher import Matcher
 from segkit.modeling.sampler import subsample_labels
-from segkit.registry import HEADS, ROI_HEADS, Child
+from segkit.modeling.losses import check_reduction
+from segkit.registry import HEADS, LOSSES, ROI_HEADS, Child
 from segkit.structures import Boxes, ImageList, Instances, pairwise_iou
 
 from .fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference, fast_rcnn_losses
@@ -69,6 +70,8 @@ def _common_channels(input_shape: Dict[str, ShapeSpec], in_features: Sequence[st
 @ROI_HEADS.register("standard", children={
     "box_head": Child(HEADS, runtime=_box_head_runtime),
     "mask_head": Child(HEADS, runtime=_mask_head_runtime, optional=True),
+    "cls_loss": Child(LOSSES, optional=True),
+    "box_loss": Child(LOSSES, optional=True),
 })
 class StandardROIHeads(nn.Module):
     """Box (and mask) heads on FPN RoI features.
@@ -91,7 +94,13 @@ class StandardROIHeads(nn.Module):
         iou_threshold: proposals with IoU >= this with a GT are foreground (0.5).
         proposal_append_gt: add the GT boxes to the proposals (so every GT has a perfect RoI).
         box_reg_weights: (wx, wy, ww, wh) of the box coder.
-        smooth_l1_beta: box loss smooth-L1 beta; 0 = L1.
+        smooth_l1_beta: box loss smooth-L1 beta; 0 = L1 (used when ``box_loss`` is not given).
+        cls_loss: optional LOSSES module for the K+1-way classifier (config node, e.g.
+            ``{name: ce, label_smoothing: 0.1}``); reduction "mean" or "sum" (divided by the
+            number of sampled RoIs). None: mean cross-entropy.
+        box_loss: optional LOSSES module for the class-specific box regression on foreground
+            RoIs, e.g. ``{name: giou}`` (decoded boxes) or ``{name: smooth_l1, beta: 0.5}``;
+            reduction "sum" (divided by the number of sampled RoIs). Replaces ``smooth_l1_beta``.
         score_thresh_test, nms_thresh_test, detections_per_image, min_box_size_test:
             inference filters (see ``fast_rcnn_inference``).
         cls_agnostic_mask: the mask head predicts one class-agnostic mask.
@@ -120,6 +129,8 @@ class StandardROIHeads(nn.Module):
         detections_per_image: int = 100,
         min_box_size_test: float = 1e-2,
         cls_agnostic_mask: bool = False,
+        cls_loss: Optional[nn.Module] = None,
+        box_loss: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.in_features = list(in_features)
@@ -149,6 +160,12 @@ class StandardROIHeads(nn.Module):
         self.positive_fraction = float(positive_fraction)
         self.proposal_append_gt = bool(proposal_append_gt)
         self.smooth_l1_beta = float(smooth_l1_beta)
+        if box_loss is not None and smooth_l1_beta != 0.0:
+            raise ValueError("roi_heads 'standard': set either box_loss or the legacy "
+                             "smooth_l1_beta, not both")
+        check_reduction(cls_loss, ("mean", "sum"), "model.roi_heads.cls_loss")
+        check_reduction(box_loss, ("sum",), "model.roi_heads.box_loss")
+        self.cls_loss, self.box_loss = cls_loss, box_loss  # None: CE / smooth_l1_beta
         self.score_thresh_test = float(score_thresh_test)
         self.nms_thresh_test = float(nms_thresh_test)
         self.detections_per_image = int(detections_per_image)
@@ -222,7 +239,8 @@ class StandardROIHeads(nn.Module):
             losses = fast_rcnn_losses(
                 scores, deltas, torch.cat([b.tensor for b in boxes]),
                 torch.cat([s.gt_boxes.tensor for s in sampled]),
-                torch.cat([s.gt_classes for s in sampled]), self.box_transform, self.smooth_l1_beta)
+                torch.cat([s.gt_classes for s in sampled]), self.box_transform, self.smooth_l1_beta,
+                cls_loss=self.cls_loss, box_loss=self.box_loss)
             if self.mask_head is not None:
                 losses["loss_mask"] = self._mask_loss(feats, sampled, gt_instances)
             return sampled, losses
