@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from segkit.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm
 from segkit.modeling.anchors import DefaultAnchorGenerator
 from segkit.modeling.box_coder import Box2BoxTransform
-from segkit.modeling.losses import GIoULoss, SigmoidFocalLoss, SmoothL1Loss
+from segkit.modeling.losses import SigmoidFocalLoss, SmoothL1Loss, box_regression_loss
 from segkit.modeling.matcher import Matcher
 from segkit.registry import HEADS, LOSSES
 from segkit.structures import Boxes, ImageList, Instances, pairwise_iou
@@ -263,12 +263,9 @@ class RetinaNetHead(nn.Module):
         loss_cls = self.cls_loss(logits_all[valid], targets)
 
         fg_anchors = all_anchors[None].expand_as(matched)[fg]
-        if isinstance(self.box_loss, GIoULoss):
-            pred_boxes = self.box2box_transform.apply_deltas(deltas_all[fg], fg_anchors)
-            loss_box = self.box_loss(pred_boxes, matched[fg])
-        else:
-            target_deltas = self.box2box_transform.get_deltas(fg_anchors, matched[fg])
-            loss_box = self.box_loss(deltas_all[fg], target_deltas)
+        # deltas for smooth-L1, decoded boxes for GIoU
+        loss_box = box_regression_loss(self.box_loss, self.box2box_transform, deltas_all[fg],
+                                       fg_anchors, matched[fg])
         return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box / normalizer}
 
     # ------------------------------------------------------------------ inference
