@@ -12,8 +12,15 @@ from .io import (
     load_state_dict_report,
     save_checkpoint,
 )
+from .detectron2 import (
+    UnsafePickleError,
+    convert_detectron2,
+    read_detectron2_checkpoint,
+    read_pickle_weights,
+)
 
 __all__ = [
     "CheckpointError", "Checkpointer", "IncompatibleKeys", "format_incompatible",
     "load_checkpoint", "load_state_dict_report", "save_checkpoint",
+    "UnsafePickleError", "convert_detectron2", "read_detectron2_checkpoint", "read_pickle_weights",
 ]

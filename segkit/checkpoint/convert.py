@@ -6,7 +6,13 @@ Usage::
         mask_rcnn_r50_fpn_torchvision.pth [--experiment NAME]
 
 (``fasterrcnn_resnet50_fpn`` and ``retinanet_resnet50_fpn`` files work the same way; the
-experiment is inferred from the weights.)
+experiment is inferred from the weights.) detectron2 model-zoo files (``.pkl`` of numpy
+arrays, read through a restricted unpickler, or ``.pth``)::
+
+    python -m segkit.checkpoint.convert --from detectron2 model_final_f10217.pkl \
+        mask_rcnn_r50_fpn_d2.pth
+
+(see :mod:`segkit.checkpoint.detectron2` for the rules and the config overrides it prints).
 
 The output is the segkit checkpoint format (``segkit.checkpoint.io``): ``{"model": state_dict,
 "meta": {"format": "segkit", "version": 1, "config": None, "classes": [...], "experiment":
@@ -26,7 +32,7 @@ import torch
 
 from .io import save_checkpoint
 
-__all__ = ["CONVERTERS", "convert_file", "torchvision_coco_classes", "main"]
+__all__ = ["CONVERTERS", "READERS", "convert_file", "torchvision_coco_classes", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +63,31 @@ def _convert_torchvision(state: Dict[str, Any]) -> Tuple[StateDict, Dict[str, An
     return model, info, classes
 
 
+def _convert_detectron2(state: Dict[str, Any]) -> Tuple[StateDict, Dict[str, Any], List[str]]:
+    from .detectron2 import coco_classes_or_generic, convert_detectron2
+
+    model, info = convert_detectron2(state)
+    return model, info, coco_classes_or_generic(info["num_classes"])
+
+
+def _read_detectron2(path: str) -> Dict[str, Any]:
+    from .detectron2 import read_detectron2_checkpoint
+
+    return read_detectron2_checkpoint(path)
+
+
+def _read_torch(path: str) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # --from value -> converter
 CONVERTERS: Dict[str, Converter] = {
     "torchvision": _convert_torchvision,
+    "detectron2": _convert_detectron2,
+}
+# --from value -> file reader (default: torch.load(weights_only=True))
+READERS: Dict[str, Callable[[str], Any]] = {
+    "detectron2": _read_detectron2,
 }
 
 
@@ -68,8 +96,8 @@ def convert_file(source: str, src: str, dst: str,
     """Convert checkpoint file ``src`` from code base ``source`` into segkit file ``dst``.
 
     Args:
-        source: key of :data:`CONVERTERS` (``"torchvision"``).
-        src: input file (a ``torch.save``'d state dict).
+        source: key of :data:`CONVERTERS` (``"torchvision"``, ``"detectron2"``).
+        src: input file (a ``torch.save``'d state dict; detectron2 also ``.pkl``).
         dst: output file, written atomically.
         experiment: experiment config name stored in the metadata; default: the one the
             converter infers (e.g. ``mask_rcnn_r50_fpn_torchvision``).
@@ -86,8 +114,10 @@ def convert_file(source: str, src: str, dst: str,
     if not os.path.isfile(src):
         raise ValueError(f"checkpoint file '{src}' does not exist")
     try:
-        state = torch.load(src, map_location="cpu", weights_only=True)
+        state = READERS.get(source, _read_torch)(src)
     except Exception as e:  # torch raises many types for truncated/corrupt/unsafe files
+        if source in READERS:  # its own reader's message already names the file
+            raise ValueError(f"{type(e).__name__}: {e}") from e
         raise ValueError(f"cannot read '{src}' with torch.load(weights_only=True): "
                          f"{type(e).__name__}: {e}") from e
     if not isinstance(state, dict):
@@ -97,8 +127,11 @@ def convert_file(source: str, src: str, dst: str,
     except ValueError as e:
         raise ValueError(f"cannot convert '{src}' from {source}: {e}") from e
     name = experiment or info.get("experiment")
-    save_checkpoint(dst, model, meta={"config": None, "classes": classes, "experiment": name,
-                                      "source": {"from": source, "file": os.path.basename(src)}})
+    meta = {"config": None, "classes": classes, "experiment": name,
+            "source": {"from": source, "file": os.path.basename(src)}}
+    if info.get("config_overrides"):
+        meta["config_overrides"] = list(info["config_overrides"])
+    save_checkpoint(dst, model, meta=meta)
     return {**info, "classes": classes, "experiment": name}
 
 
@@ -122,6 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"wrote {args.dst}: {info.get('arch', args.source)} with {len(info['classes'])} classes, "
           f"experiment {info['experiment']}")
+    if info.get("config_overrides"):
+        print("evaluate with the overrides: " + " ".join(info["config_overrides"]))
     return 0
 
 

@@ -120,4 +120,4 @@ def test_cli_errors(tv_state, tmp_path, capsys):
                            str(junk), str(tmp_path / "x.pth")], capture_output=True, text=True,
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 2
-    assert "unknown --from 'detectron3'; supported: torchvision" in proc.stderr
+    assert "unknown --from 'detectron3'; supported: detectron2, torchvision" in proc.stderr
