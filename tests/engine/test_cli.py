@@ -155,3 +155,46 @@ def test_eval_main_missing_truncated_or_configless_checkpoint(tmp_path, capsys):
     torch.save({"w": torch.zeros(2)}, plain)  # a bare state dict: no config, no experiment
     assert eval_main(["--checkpoint", str(plain)]) == 2
     assert "experiment=<name>" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL right after a checkpoint, restarted with train.resume=true,
+    continues from that checkpoint and ends with the weights of a run that was never killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    longer = ["solver.max_iter=8", "solver.steps=[6]", "train.num_vis_images=0",
+              "train.deterministic=true"]
+    ref_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    run_train(compose(_overrides(tmp_path, ref_out) + longer))
+
+    overrides = _overrides(tmp_path, killed_out) + longer + [f"hydra.run.dir={killed_out}"]
+    proc = subprocess.Popen([sys.executable, "-c", "from segkit.engine.cli import train_main; "
+                             "train_main()", *overrides], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed_out / "model_0000003.pth"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert checkpoint.exists() and not (killed_out / "model_final.pth").exists()
+
+    results = run_train(compose(overrides[:-1] + ["train.resume=true"]))
+    assert "bbox" in results
+
+    # every iteration was logged (4..7 after the restart); metrics.json holds windowed medians,
+    # whose window restarts with the process, so the exact check is on the weights: the same
+    # weights after the same iterations mean the same losses along the way
+    logged = [json.loads(x)["iteration"] for x in (killed_out / "metrics.json").read_text()
+              .splitlines() if "total_loss" in json.loads(x)]
+    assert set(logged) == set(range(8))
+    # iterations 0-3 ran once: the restart continued from the iteration-3 checkpoint
+    assert all(logged.count(it) == 1 for it in range(4))
+    final = load_checkpoint(str(ref_out / "model_final.pth"))["model"]
+    again = load_checkpoint(str(killed_out / "model_final.pth"))["model"]
+    for key, value in final.items():
+        assert torch.allclose(value, again[key], atol=1e-5), key
