@@ -49,6 +49,8 @@ class COCOEvaluator(DatasetEvaluator):
     NaN where a stat is undefined (no ground truth of that area / class).
     """
 
+    results_file = RESULTS_FILE  # written to output_dir by evaluate()
+
     def __init__(
         self, records: Sequence[Mapping], metadata: Mapping,
         iou_types: Sequence[str] = ("bbox", "segm"), output_dir: Optional[str] = None,
@@ -101,9 +103,12 @@ class COCOEvaluator(DatasetEvaluator):
             image_id = int(inp["image_id"])
             results = []
             if "instances" in out:
-                instances = out["instances"].to("cpu")
-                results = instances_to_coco_json(instances, image_id, self.mapping)
+                results = self._to_results(out["instances"].to("cpu"), image_id)
             self._predictions.append({"image_id": image_id, "results": results})
+
+    def _to_results(self, instances, image_id: int) -> List[Dict[str, Any]]:
+        """One image's predictions as COCO result dicts (category ids of the dataset)."""
+        return instances_to_coco_json(instances, image_id, self.mapping)
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Run COCOeval for every IoU type (main process only; others return ``{}``)."""
@@ -114,10 +119,10 @@ class COCOEvaluator(DatasetEvaluator):
         results = [r for p in predictions for r in p["results"]]
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
-            path = os.path.join(self.output_dir, RESULTS_FILE)
+            path = os.path.join(self.output_dir, self.results_file)
             with open(path, "w") as f:
                 json.dump(results, f)
-            logger.info("wrote %d COCO results to %s", len(results), path)
+            logger.info("wrote %d results to %s", len(results), path)
         out = {}
         for iou_type in self.iou_types:
             key = "bbox" if iou_type == "bbox" else "segmentation"

@@ -19,10 +19,8 @@ three maxDets and the S/M/L split at the largest one, so the split at 100 is rea
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -33,13 +31,11 @@ from segkit.structures import Instances
 
 from .coco_evaluation import COCOEvaluator
 from .coco_utils import instances_to_coco_json, run_coco_eval
-from .evaluator import gather_to_main
 
 __all__ = ["ProposalEvaluator", "proposal_recall"]
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "coco_proposals_results.json"
 _AREAS = (("", "all"), ("s", "small"), ("m", "medium"), ("l", "large"))
 
 
@@ -102,6 +98,8 @@ class ProposalEvaluator(COCOEvaluator):
     range has no ground truth.
     """
 
+    results_file = "coco_proposals_results.json"
+
     def __init__(
         self, records: Sequence[Mapping], metadata: Mapping,
         iou_types: Sequence[str] = ("bbox", "segm"), output_dir: Optional[str] = None,
@@ -115,20 +113,8 @@ class ProposalEvaluator(COCOEvaluator):
         if bad:
             raise ValueError(f"area_max_dets {bad} must be among max_dets {list(self.max_dets)}")
 
-    def process(self, inputs: Sequence[Mapping], outputs: Sequence[Mapping]) -> None:
-        """Collect one batch of proposals (top ``max_dets[-1]`` per image, by score)."""
-        if len(inputs) != len(outputs):
-            raise ValueError(f"process() got {len(inputs)} inputs but {len(outputs)} outputs")
-        for inp, out in zip(inputs, outputs):
-            if "image_id" not in inp:
-                raise KeyError(f"model input {inp.get('file_name', '?')!r} has no 'image_id'")
-            image_id = int(inp["image_id"])
-            results: List[Dict[str, Any]] = []
-            if "instances" in out:
-                results = self._to_results(out["instances"].to("cpu"), image_id)
-            self._predictions.append({"image_id": image_id, "results": results})
-
     def _to_results(self, instances, image_id: int) -> List[Dict[str, Any]]:
+        """The image's top ``max_dets[-1]`` proposals, all in one category of the ground truth."""
         if not instances.has("scores"):
             raise KeyError("proposal predictions need 'scores' (e.g. sigmoid objectness)")
         if len(instances) > self.max_dets[-1]:
@@ -154,33 +140,15 @@ class ProposalEvaluator(COCOEvaluator):
         cats = sorted(self.coco_gt.getCatIds())
         return int(cats[0]) if cats else 1
 
-    def evaluate(self) -> Dict[str, Dict[str, float]]:
-        """Run the class-agnostic COCOeval per IoU type (main process only; others ``{}``)."""
-        predictions = gather_to_main(self._predictions)
-        if predictions is None:
-            return {}
-        img_ids = sorted({p["image_id"] for p in predictions})
-        results = [r for p in predictions for r in p["results"]]
-        if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            path = os.path.join(self.output_dir, RESULTS_FILE)
-            with open(path, "w") as f:
-                json.dump(results, f)
-            logger.info("wrote %d proposals to %s", len(results), path)
-        out = {}
-        for iou_type in self.iou_types:
-            key = "bbox" if iou_type == "bbox" else "segmentation"
-            if results and not all(key in r for r in results):
-                logger.info("skipping %r proposal recall: predictions have no %r", iou_type, key)
-                continue
-            if not results:
-                logger.warning("no proposals at all on %d images: AR is 0 (NaN without ground "
-                               "truth)", len(img_ids))
-            coco_eval, _ = run_coco_eval(self.coco_gt, results, iou_type, img_ids,
-                                         self.max_dets, use_cats=False)
-            stats = proposal_recall(coco_eval, self.max_dets, self.area_max_dets)
-            metrics = {n: (v * 100.0 if v >= 0 else math.nan) for n, v in stats.items()}
-            logger.info("%s proposal recall on %d images:\n%s", iou_type, len(img_ids),
-                        "\n".join(f"  {n:>8}: {v:.3f}" for n, v in metrics.items()))
-            out[iou_type] = metrics
-        return out
+    def _evaluate_one(self, results: List[Dict], iou_type: str, img_ids: List[int]) -> Dict:
+        """Class-agnostic COCOeval of one IoU type -> AR metrics in percent (NaN undefined)."""
+        if not results:
+            logger.warning("no proposals at all on %d images: AR is 0 (NaN without ground "
+                           "truth)", len(img_ids))
+        coco_eval, _ = run_coco_eval(self.coco_gt, results, iou_type, img_ids,
+                                     self.max_dets, use_cats=False)
+        stats = proposal_recall(coco_eval, self.max_dets, self.area_max_dets)
+        metrics = {n: (v * 100.0 if v >= 0 else math.nan) for n, v in stats.items()}
+        logger.info("%s proposal recall on %d images:\n%s", iou_type, len(img_ids),
+                    "\n".join(f"  {n:>8}: {v:.3f}" for n, v in metrics.items()))
+        return metrics
