@@ -7,12 +7,12 @@ which is the order in which the heads' (N, A*C, H, W) outputs are flattened.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DefaultAnchorGenerator"]
+__all__ = ["DefaultAnchorGenerator", "shared_head_anchors"]
 
 
 def _broadcast_levels(values: Sequence, num_levels: int, name: str) -> List[List[float]]:
@@ -143,3 +143,48 @@ class DefaultAnchorGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, strides={self.strides}, "
                 f"offset={self.offset}, round_base={self.round_base}")
+
+
+def shared_head_anchors(owner: str, input_shape: Mapping[str, Any], in_features: Sequence[str],
+                        sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[Sequence[float]],
+                        offset: float = 0.0, round_base: bool = False,
+                        stride_from_image: bool = False
+                        ) -> Tuple[DefaultAnchorGenerator, int, int]:
+    """Check the levels of a head shared across the pyramid (RPN, RetinaNet) and build its anchors.
+
+    A shared head needs every level in the backbone's outputs, one channel count for all of them
+    and the same number of anchors per location on each.
+
+    Args:
+        owner: the head's registry name, for error messages ("rpn", "retinanet").
+        input_shape: backbone ``output_shape()``: name -> ``ShapeSpec``.
+        in_features: the levels the head runs on, finest first.
+        sizes: anchor sizes per level (or one list shared by all levels).
+        aspect_ratios, offset, round_base: as :class:`DefaultAnchorGenerator`.
+        stride_from_image: take strides from the image/feature sizes at run time
+            (torchvision) instead of the backbone's nominal strides.
+
+    Returns:
+        (anchor generator, input channels, anchors per location).
+    """
+    in_features = list(in_features)
+    missing = [f for f in in_features if f not in input_shape]
+    if missing or not in_features:
+        raise ValueError(f"{owner}: in_features {in_features} must be non-empty and present in "
+                         f"the backbone outputs {sorted(input_shape)}")
+    channels = {f: input_shape[f].channels for f in in_features}
+    if len(set(channels.values())) != 1:
+        raise ValueError(f"{owner}: the head is shared across levels, so in_features must have "
+                         f"equal channels; got {channels}")
+    if len(sizes) not in (1, len(in_features)):
+        raise ValueError(f"{owner}: anchor_sizes has {len(sizes)} levels but in_features "
+                         f"{in_features} has {len(in_features)}; give one list per level "
+                         f"(or a single list shared by all)")
+    strides = None if stride_from_image else [input_shape[f].stride for f in in_features]
+    generator = DefaultAnchorGenerator(sizes, aspect_ratios, strides=strides, offset=offset,
+                                       round_base=round_base, num_levels=len(in_features))
+    num_anchors = generator.num_anchors_per_location
+    if len(set(num_anchors)) != 1:
+        raise ValueError(f"{owner}: every level needs the same number of anchors per location "
+                         f"for the shared head; got {num_anchors}")
+    return generator, channels[in_features[0]], num_anchors[0]

@@ -64,8 +64,9 @@ def check_reduction(loss: Optional[nn.Module], allowed: Sequence[str], where: st
     """
     red = getattr(loss, "reduction", None)
     if loss is not None and red not in allowed:
-        raise ValueError(f"{where}.reduction must be {' or '.join(repr(a) for a in allowed)} "
-                         f"here (the head normalises the loss itself), got {red!r}")
+        opts = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"{where}.reduction must be {opts} here (the head normalises the loss "
+                         f"itself: set reduction {opts}), got {red!r}")
 
 
 def box_regression_loss(loss: nn.Module, transform, pred_deltas: Tensor, src_boxes: Tensor,

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm
-from segkit.modeling.anchors import DefaultAnchorGenerator
+from segkit.modeling.anchors import shared_head_anchors
 from segkit.modeling.box_coder import Box2BoxTransform
-from segkit.modeling.losses import SigmoidFocalLoss, SmoothL1Loss, box_regression_loss
+from segkit.modeling.losses import (SigmoidFocalLoss, SmoothL1Loss, box_regression_loss,
+                                    check_reduction)
 from segkit.modeling.matcher import Matcher
 from segkit.registry import HEADS, LOSSES
 from segkit.structures import Boxes, ImageList, Instances, pairwise_iou
@@ -98,38 +99,18 @@ class RetinaNetHead(nn.Module):
                  score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
                  nms_thresh_test: float = 0.5, detections_per_image: int = 100):
         super().__init__()
-        in_features = list(in_features)
-        missing = [f for f in in_features if f not in input_shape]
-        if missing or not in_features:
-            raise ValueError(f"retinanet: in_features {in_features} must be non-empty and present "
-                             f"in the backbone outputs {sorted(input_shape)}")
-        channels = {f: input_shape[f].channels for f in in_features}
-        if len(set(channels.values())) != 1:
-            raise ValueError(f"retinanet: the subnets are shared across levels, so in_features "
-                             f"must have equal channels; got {channels}")
         if not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"retinanet: num_classes must be a positive int, got {num_classes!r}")
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"retinanet: prior_prob must be in (0, 1), got {prior_prob}")
-        if len(anchor_sizes) not in (1, len(in_features)):
-            raise ValueError(f"retinanet: anchor_sizes has {len(anchor_sizes)} levels but "
-                             f"in_features {in_features} has {len(in_features)}; give one list "
-                             f"per level (or a single list shared by all)")
-        self.in_features, self.num_classes = in_features, num_classes
-
+        self.in_features, self.num_classes = list(in_features), num_classes
+        # section 6: each base size times the octave scales 2^0, 2^(1/3), 2^(2/3)
         sizes = [[float(s) * float(m) for s in level for m in anchor_scales]
                  for level in anchor_sizes]
-        strides = None if anchor_stride_from_image else [input_shape[f].stride for f in in_features]
-        self.anchor_generator = DefaultAnchorGenerator(
-            sizes, aspect_ratios, strides=strides, offset=anchor_offset,
-            round_base=anchor_round_base, num_levels=len(in_features))
-        num_anchors = self.anchor_generator.num_anchors_per_location
-        if len(set(num_anchors)) != 1:
-            raise ValueError(f"retinanet: every level needs the same number of anchors per "
-                             f"location for the shared subnets; got {num_anchors}")
-        self.num_anchors = num_anchors[0]
+        self.anchor_generator, in_channels, self.num_anchors = shared_head_anchors(
+            "retinanet", input_shape, self.in_features, sizes, aspect_ratios, anchor_offset,
+            anchor_round_base, anchor_stride_from_image)
 
-        in_channels = channels[in_features[0]]
         conv_dim = int(conv_dim or in_channels)
         self.cls_subnet = _subnet(in_channels, conv_dim, num_convs, norm)
         self.bbox_subnet = _subnet(in_channels, conv_dim, num_convs, norm)
@@ -148,10 +129,9 @@ class RetinaNetHead(nn.Module):
                                       allow_low_quality_matches=allow_low_quality_matches)
         self.cls_loss = cls_loss if cls_loss is not None else SigmoidFocalLoss(0.25, 2.0)
         self.box_loss = box_loss if box_loss is not None else SmoothL1Loss(beta=0.1)
-        for name, loss in (("cls_loss", self.cls_loss), ("box_loss", self.box_loss)):
-            if getattr(loss, "reduction", "sum") != "sum":
-                raise ValueError(f"retinanet: {name} must use reduction 'sum' (the head divides "
-                                 f"by the number of foreground anchors), got {loss.reduction!r}")
+        # the head divides the sums by the number of foreground anchors
+        check_reduction(self.cls_loss, ("sum",), "model.head.cls_loss")
+        check_reduction(self.box_loss, ("sum",), "model.head.box_loss")
         self.score_thresh = float(score_thresh_test)
         self.topk_candidates = int(topk_candidates_test)
         self.nms_thresh = float(nms_thresh_test)

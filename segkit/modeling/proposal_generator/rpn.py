@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.layers import ShapeSpec, batched_nms, cat
-from segkit.modeling.anchors import DefaultAnchorGenerator
+from segkit.modeling.anchors import shared_head_anchors
 from segkit.modeling.box_coder import Box2BoxTransform
 from segkit.modeling.losses import SmoothL1Loss, box_regression_loss, check_reduction
 from segkit.modeling.matcher import Matcher
@@ -85,31 +85,13 @@ class RPN(nn.Module):
                  smooth_l1_beta: float = 0.0, box_reg_loss: str = "smooth_l1",
                  box_loss: Optional[nn.Module] = None, cls_loss: Optional[nn.Module] = None):
         super().__init__()
-        in_features = list(in_features)
-        missing = [f for f in in_features if f not in input_shape]
-        if missing or not in_features:
-            raise ValueError(f"rpn: in_features {in_features} must be non-empty and present in "
-                             f"the backbone outputs {sorted(input_shape)}")
-        channels = {f: input_shape[f].channels for f in in_features}
-        if len(set(channels.values())) != 1:
-            raise ValueError(f"rpn: the head is shared across levels, so in_features must have "
-                             f"equal channels; got {channels}")
         if box_reg_loss not in ("smooth_l1", "l1"):
             raise ValueError(f"rpn: box_reg_loss must be 'smooth_l1' or 'l1', got {box_reg_loss!r}")
-        self.in_features = in_features
-        strides = None if anchor_stride_from_image else [input_shape[f].stride for f in in_features]
-        if len(anchor_sizes) not in (1, len(in_features)):
-            raise ValueError(f"rpn: anchor_sizes has {len(anchor_sizes)} levels but in_features "
-                             f"{in_features} has {len(in_features)}; give one list per level "
-                             f"(or a single list shared by all)")
-        self.anchor_generator = DefaultAnchorGenerator(
-            anchor_sizes, aspect_ratios, strides=strides, offset=anchor_offset,
-            round_base=anchor_round_base, num_levels=len(in_features))
-        num_anchors = self.anchor_generator.num_anchors_per_location
-        if len(set(num_anchors)) != 1:
-            raise ValueError(f"rpn: every level needs the same number of anchors per location "
-                             f"for the shared head; got {num_anchors}")
-        self.rpn_head = StandardRPNHead(channels[in_features[0]], num_anchors[0])
+        self.in_features = list(in_features)
+        self.anchor_generator, in_channels, num_anchors = shared_head_anchors(
+            "rpn", input_shape, self.in_features, anchor_sizes, aspect_ratios, anchor_offset,
+            anchor_round_base, anchor_stride_from_image)
+        self.rpn_head = StandardRPNHead(in_channels, num_anchors)
         self.box2box_transform = Box2BoxTransform(box_reg_weights)
         self.anchor_matcher = Matcher(iou_thresholds, iou_labels, allow_low_quality_matches=True)
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
