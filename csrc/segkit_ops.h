@@ -56,14 +56,24 @@ inline void check_pooled_grad(const char* op, const at::Tensor& grad, const at::
   TORCH_CHECK(batch_size >= 0 && channels >= 0, op, ": batch_size and channels must be >= 0");
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
                   grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-              op, ": grad must have shape (", rois.size(0), ", ", channels, ", ", pooled_height,
-              ", ", pooled_width, "), got ", shape_str(grad));
+              op, ": grad must have shape (K, C, PH, PW) = (", rois.size(0), ", ", channels, ", ",
+              pooled_height, ", ", pooled_width, "), got ", shape_str(grad));
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
               ": grad must be a floating tensor, got ", grad.scalar_type());
   TORCH_CHECK(grad.device() == rois.device(), op, ": grad is on ", grad.device(),
               " but rois are on ", rois.device(), "; expected the same device");
   TORCH_CHECK(grad.scalar_type() == rois.scalar_type(), op, ": grad is ", grad.scalar_type(),
               " but rois are ", rois.scalar_type(), "; expected the same dtype");
+}
+
+// RoIPool's backward also takes the forward's argmax: int64, grad's shape and device.
+inline void check_pool_argmax(const char* op, const at::Tensor& argmax, const at::Tensor& grad) {
+  TORCH_CHECK(argmax.sizes() == grad.sizes(), op, ": argmax must have the shape of grad ",
+              shape_str(grad), ", got ", shape_str(argmax));
+  TORCH_CHECK(argmax.scalar_type() == at::kLong, op, ": argmax must be int64, got ",
+              argmax.scalar_type());
+  TORCH_CHECK(argmax.device() == grad.device(), op, ": argmax is on ", argmax.device(),
+              " but grad is on ", grad.device(), "; expected the same device");
 }
 
 // FPN Eq. 1 (papers.md section 5): pyramid level of a box of area w*h, relative to min_level.

@@ -314,29 +314,10 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                  int64_t pooled_w, int64_t batch_size, int64_t channels,
                                  int64_t height, int64_t width) {
   (void)spatial_scale;  // the winning cells are already recorded in argmax
-  check_pooled_size(kBackwardOp, pooled_h, pooled_w);
-  TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, kBackwardOp,
-              ": input size must be non-negative, got (", batch_size, ", ", channels, ", ", height,
-              ", ", width, ")");
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, kBackwardOp,
-              ": rois must have shape (K, 5) [batch_idx, x1, y1, x2, y2], got ", shape_str(rois));
-  const int64_t num_rois = rois.size(0);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == num_rois && grad.size(1) == channels &&
-                  grad.size(2) == pooled_h && grad.size(3) == pooled_w,
-              kBackwardOp, ": grad must have shape (K, C, PH, PW) = (", num_rois, ", ", channels,
-              ", ", pooled_h, ", ", pooled_w, "), got ", shape_str(grad));
-  TORCH_CHECK(argmax.sizes() == grad.sizes(), kBackwardOp, ": argmax must have the shape of grad ",
-              shape_str(grad), ", got ", shape_str(argmax));
-  TORCH_CHECK(argmax.scalar_type() == at::kLong, kBackwardOp, ": argmax must be int64, got ",
-              argmax.scalar_type());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), kBackwardOp,
-              ": grad must be a floating tensor, got ", grad.scalar_type());
-  TORCH_CHECK(grad.scalar_type() == rois.scalar_type(), kBackwardOp, ": grad is ",
-              grad.scalar_type(), " but rois are ", rois.scalar_type(),
-              "; expected the same dtype");
-  TORCH_CHECK(grad.device() == rois.device() && grad.device() == argmax.device(), kBackwardOp,
-              ": grad (", grad.device(), "), rois (", rois.device(), ") and argmax (",
-              argmax.device(), ") must be on the same device");
+  check_pooled_grad(kBackwardOp, grad, rois, pooled_h, pooled_w, batch_size, channels);
+  check_pool_argmax(kBackwardOp, argmax, grad);
+  TORCH_CHECK(height >= 0 && width >= 0, kBackwardOp, ": height and width must be >= 0, got (",
+              height, ", ", width, ")");
   TORCH_CHECK(grad.is_cpu(), kBackwardOp, ": the CPU kernel got grad on ", grad.device());
 
   at::Tensor result;

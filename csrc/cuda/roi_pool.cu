@@ -157,26 +157,9 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
   // spatial_scale is part of the schema for symmetry with roi_align; argmax already encodes
   // where every bin's maximum came from.
   constexpr const char* op = "segkit::_roi_pool_backward";
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
-              ": rois must have shape (K, 5) [batch_idx, x1, y1, x2, y2], got ", shape_str(rois));
-  check_pooled_size(op, pooled_height, pooled_width);
-  TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
-              ": batch_size, channels, height and width must be >= 0");
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-              op, ": grad must have shape (", rois.size(0), ", ", channels, ", ", pooled_height,
-              ", ", pooled_width, "), got ", shape_str(grad));
-  TORCH_CHECK(argmax.sizes() == grad.sizes(), op, ": argmax must have the shape of grad ",
-              shape_str(grad), ", got ", shape_str(argmax));
-  TORCH_CHECK(argmax.scalar_type() == at::kLong, op, ": argmax must be int64, got ",
-              argmax.scalar_type());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
-              ": grad must be a floating tensor, got ", grad.scalar_type());
-  TORCH_CHECK(grad.device() == rois.device() && grad.device() == argmax.device(), op,
-              ": grad, rois and argmax must be on the same device, got ", grad.device(), ", ",
-              rois.device(), " and ", argmax.device());
-  TORCH_CHECK(grad.scalar_type() == rois.scalar_type(), op, ": grad is ", grad.scalar_type(),
-              " but rois are ", rois.scalar_type(), "; expected the same dtype");
+  check_pooled_grad(op, grad, rois, pooled_height, pooled_width, batch_size, channels);
+  check_pool_argmax(op, argmax, grad);
+  TORCH_CHECK(height >= 0 && width >= 0, op, ": height and width must be >= 0");
   check_device(op, grad, "grad");
   alert_not_deterministic("segkit::_roi_pool_backward (CUDA)");
   DeviceGuard guard(grad.device());
