@@ -26,6 +26,15 @@ FPN = {"name": "fpn", "out_channels": 8, "bottom_up": RESNET}
 SHAPES = {f"p{k}": ShapeSpec(8, 2 ** k) for k in range(2, 7)}
 
 
+def _two_images():
+    """Model inputs: a 64x96 image with one object and a 48x64 image without ground truth."""
+    gen = torch.Generator().manual_seed(0)
+    return [{"image": torch.randint(0, 256, (3, 64, 96), generator=gen, dtype=torch.uint8),
+             "instances": _gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2])},
+            {"image": torch.randint(0, 256, (3, 48, 64), generator=gen, dtype=torch.uint8),
+             "instances": _gt((48, 64), torch.zeros(0, 4), [])}]
+
+
 def _assert_trainable_grads(module, expect_nonzero=True):
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     assert params
@@ -161,11 +170,7 @@ def test_two_stage_with_and_without_gt():
                       "mask_head": {"name": "mask_rcnn_conv_upsample", "num_conv": 1,
                                     "conv_dim": 8}},
     }, META_ARCHS, path="model").train()
-    gen = torch.Generator().manual_seed(0)
-    inputs = [{"image": torch.randint(0, 256, (3, 64, 96), generator=gen, dtype=torch.uint8),
-               "instances": _gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2])},
-              {"image": torch.randint(0, 256, (3, 48, 64), generator=gen, dtype=torch.uint8),
-               "instances": _gt((48, 64), torch.zeros(0, 4), [])}]
+    inputs = _two_images()
     losses = model(inputs)
     assert len(losses) == 5 and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -201,11 +206,7 @@ def test_one_stage_with_and_without_gt():
         "head": {"name": "retinanet", "num_classes": K,
                  "anchor_sizes": [[16], [32], [64], [128], [256]]},
     }, META_ARCHS, path="model").train()
-    gen = torch.Generator().manual_seed(0)
-    inputs = [{"image": torch.randint(0, 256, (3, 64, 96), generator=gen, dtype=torch.uint8),
-               "instances": _gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2])},
-              {"image": torch.randint(0, 256, (3, 48, 64), generator=gen, dtype=torch.uint8),
-               "instances": _gt((48, 64), torch.zeros(0, 4), [])}]
+    inputs = _two_images()
     losses = model(inputs)
     assert len(losses) == 2 and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -248,11 +249,7 @@ def test_proposal_only_with_and_without_gt():
                                "anchor_sizes": [[16], [32], [64], [128], [256]],
                                "post_nms_topk_test": 20},
     }, META_ARCHS, path="model").train()
-    gen = torch.Generator().manual_seed(0)
-    inputs = [{"image": torch.randint(0, 256, (3, 64, 96), generator=gen, dtype=torch.uint8),
-               "instances": _gt((64, 96), [[10.0, 12.0, 50.0, 60.0]], [2])},
-              {"image": torch.randint(0, 256, (3, 48, 64), generator=gen, dtype=torch.uint8),
-               "instances": _gt((48, 64), torch.zeros(0, 4), [])}]
+    inputs = _two_images()
     losses = model(inputs)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
     sum(losses.values()).backward()
