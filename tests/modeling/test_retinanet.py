@@ -28,6 +28,7 @@ from segkit.modeling.dense_heads import RetinaNetHead
 from segkit.modeling.losses import GIoULoss, SigmoidFocalLoss, SmoothL1Loss
 from segkit.registry import HEADS, build
 from segkit.structures import Boxes, Instances
+from synthetic_images import rectangles_on
 
 K = 3
 SHAPES = {f"p{i}": ShapeSpec(16, 2 ** i) for i in range(3, 8)}
@@ -253,14 +254,7 @@ def _image(seed):
     gen = torch.Generator().manual_seed(seed)
     img = 128 + 60 * F.interpolate(torch.randn(1, 3, H // 16, W // 16, generator=gen), size=(H, W),
                                    mode="bilinear", align_corners=False)[0]
-    for _ in range(12):
-        colour = torch.rand(3, generator=gen) * 255
-        x0 = int(torch.randint(0, W - 40, (1,), generator=gen))
-        y0 = int(torch.randint(0, H - 40, (1,), generator=gen))
-        w = int(torch.randint(20, 200, (1,), generator=gen))
-        h = int(torch.randint(20, 160, (1,), generator=gen))
-        img[:, y0:y0 + h, x0:x0 + w] = colour[:, None, None]
-    return (img + torch.randn(3, H, W, generator=gen) * 10).clamp(0, 255).round()
+    return rectangles_on(img, gen)
 
 
 def test_converter_mapping_drops_label_zero(tv_model):

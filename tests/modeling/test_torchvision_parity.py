@@ -40,6 +40,7 @@ from segkit.checkpoint.torchvision import convert_torchvision_detection
 from segkit.config import compose
 from segkit.engine.defaults import build_model
 from segkit.modeling.postprocess import postprocess_batch
+from synthetic_images import rectangles_on
 
 H, W = 320, 512
 
@@ -85,15 +86,7 @@ def _randomize(model, gen):
 
 def _image(gen):
     """(3, H, W) float RGB 0-255: flat coloured rectangles plus noise, integer valued."""
-    img = torch.full((3, H, W), 90.0)
-    for _ in range(12):
-        colour = torch.rand(3, generator=gen) * 255
-        x0 = int(torch.randint(0, W - 40, (1,), generator=gen))
-        y0 = int(torch.randint(0, H - 40, (1,), generator=gen))
-        w = int(torch.randint(20, 200, (1,), generator=gen))
-        h = int(torch.randint(20, 160, (1,), generator=gen))
-        img[:, y0:y0 + h, x0:x0 + w] = colour[:, None, None]
-    return (img + torch.randn(3, H, W, generator=gen) * 10).clamp(0, 255).round()
+    return rectangles_on(torch.full((3, H, W), 90.0), gen)
 
 
 def _unexplained_mask_pixels(tv_probs, tv_masks, ours, boxes):
