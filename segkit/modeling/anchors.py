@@ -12,7 +12,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DefaultAnchorGenerator", "shared_head_anchors"]
+__all__ = ["DefaultAnchorGenerator", "flatten_anchor_outputs", "shared_head_anchors"]
 
 
 def _broadcast_levels(values: Sequence, num_levels: int, name: str) -> List[List[float]]:
@@ -188,3 +188,9 @@ def shared_head_anchors(owner: str, input_shape: Mapping[str, Any], in_features:
         raise ValueError(f"{owner}: every level needs the same number of anchors per location "
                          f"for the shared head; got {num_anchors}")
     return generator, channels[in_features[0]], num_anchors[0]
+
+
+def flatten_anchor_outputs(x: Tensor, k: int) -> Tensor:
+    """A dense head's (N, A*k, H, W) output -> (N, H*W*A, k), in the anchors' (H, W, A) order."""
+    n, _, h, w = x.shape
+    return x.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm
-from segkit.modeling.anchors import shared_head_anchors
+from segkit.modeling.anchors import flatten_anchor_outputs, shared_head_anchors
 from segkit.modeling.box_coder import Box2BoxTransform
 from segkit.modeling.losses import (SigmoidFocalLoss, SmoothL1Loss, box_regression_loss,
                                     check_reduction)
@@ -155,8 +155,8 @@ class RetinaNetHead(nn.Module):
                 c = layer(c)
             for layer in self.bbox_subnet:
                 b = layer(b)
-            logits.append(_flatten(self.cls_score(c), self.num_classes))
-            deltas.append(_flatten(self.bbox_pred(b), 4))
+            logits.append(flatten_anchor_outputs(self.cls_score(c), self.num_classes))
+            deltas.append(flatten_anchor_outputs(self.bbox_pred(b), 4))
         return logits, deltas
 
     def forward(self, images: ImageList, features: Dict[str, Tensor],
@@ -283,12 +283,6 @@ class RetinaNetHead(nn.Module):
             results.append(Instances(image_size, pred_boxes=boxes[keep], scores=scores[keep],
                                      pred_classes=classes[keep]))
         return results
-
-
-def _flatten(x: Tensor, k: int) -> Tensor:
-    """(N, A*k, H, W) -> (N, H*W*A, k), matching the (H, W, A) anchor order."""
-    n, _, h, w = x.shape
-    return x.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k)
 
 
 # torchvision >= 0.13 names subnet convs conv.{i}.0 (Conv2dNormActivation); older files conv.{2i}

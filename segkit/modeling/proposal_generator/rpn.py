@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.layers import ShapeSpec, batched_nms, cat
-from segkit.modeling.anchors import shared_head_anchors
+from segkit.modeling.anchors import flatten_anchor_outputs, shared_head_anchors
 from segkit.modeling.box_coder import Box2BoxTransform
 from segkit.modeling.losses import SmoothL1Loss, box_regression_loss, check_reduction
 from segkit.modeling.matcher import Matcher
@@ -132,9 +132,8 @@ class RPN(nn.Module):
         logits, deltas = self.rpn_head(feats)
         # (N, A, H, W) -> (N, H*W*A) and (N, A*4, H, W) -> (N, H*W*A, 4), matching the
         # (H, W, A) anchor order.
-        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
-        deltas = [x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2)
-                  .flatten(1, -2) for x in deltas]
+        logits = [flatten_anchor_outputs(x, 1)[..., 0] for x in logits]
+        deltas = [flatten_anchor_outputs(x, 4) for x in deltas]
         losses: Dict[str, Tensor] = {}
         if self.training:
             if gt_instances is None:
