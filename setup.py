@@ -1,8 +1,9 @@
 """segkit: FAIR's segmentation lineage in one PyTorch code base.
 
 ``pip install --no-build-isolation .`` installs the library, its Hydra configs (``configs/``
-ships as ``segkit.configs``), the console scripts ``segkit-train``, ``segkit-eval`` and
-``segkit-demo``, and the compiled ops ``segkit._C`` built from ``csrc/``.
+ships as ``segkit.configs``), the model-zoo catalog (``model_zoo/`` ships as
+``segkit.model_zoo_catalog``), the console scripts ``segkit-train``, ``segkit-eval``,
+``segkit-demo`` and ``segkit-zoo``, and the compiled ops ``segkit._C`` built from ``csrc/``.
 
 The C++ ops are compiled against the torch already installed in the environment, because an
 extension only loads under the torch it was built with; that is why the build needs torch
@@ -101,12 +102,13 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["segkit", "segkit.*"]) + [
-        "segkit.configs",
+        "segkit.configs", "segkit.model_zoo_catalog",
     ],
     # configs/ lives at the top level (DESIGN.md) but ships inside the package so that
     # `pip install .` (not only -e) can compose them.
-    package_dir={"segkit.configs": "configs"},
-    package_data={"segkit.configs": ["*.yaml", "**/*.yaml"]},
+    package_dir={"segkit.configs": "configs", "segkit.model_zoo_catalog": "model_zoo"},
+    package_data={"segkit.configs": ["*.yaml", "**/*.yaml"],
+                  "segkit.model_zoo_catalog": ["catalog.yaml", "README.md"]},
     include_package_data=True,
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
@@ -121,6 +123,8 @@ setup(
         "fvcore>=0.1.5",
         "iopath>=0.1.9",
         "hydra-core>=1.3",
+        # the hydra/launcher=slurm and =local presets (configs/hydra/launcher)
+        "hydra-submitit-launcher>=1.2",
         "omegaconf>=2.3",
         "tqdm",
         "tabulate",
@@ -132,6 +136,7 @@ setup(
             "segkit-train=segkit.engine.cli:train_main",
             "segkit-eval=segkit.engine.cli:eval_main",
             "segkit-demo=segkit.engine.demo:main",
+            "segkit-zoo=segkit.model_zoo.cli:main",
         ],
     },
 )

@@ -28,7 +28,10 @@ def test_wheel_ships_configs_and_entry_points(tmp_path):
     (ep_name,) = [n for n in names if n.endswith("entry_points.txt")]
     eps = configparser.ConfigParser()
     eps.read_string(zipfile.ZipFile(wheel).read(ep_name).decode())
-    assert set(eps["console_scripts"]) == {"segkit-train", "segkit-eval", "segkit-demo"}
+    assert set(eps["console_scripts"]) == {"segkit-train", "segkit-eval", "segkit-demo",
+                                           "segkit-zoo"}
+    # the zoo catalog (top-level model_zoo/) ships inside the package
+    assert "segkit/model_zoo_catalog/catalog.yaml" in names
 
     # installed from the wheel (not editable), away from the sources, the configs compose
     target = tmp_path / "site"
@@ -38,11 +41,14 @@ def test_wheel_ships_configs_and_entry_points(tmp_path):
              "from segkit.layers import _compiled, get_backend; "
              "cfg = compose(['experiment=mask_rcnn_r50_fpn_1x_coco']); "
              "print(segkit.__file__); print(cfg.model.backbone.bottom_up.depth); "
-             "print(_compiled._C.__file__); print(get_backend()['roi_align'])")
+             "print(_compiled._C.__file__); print(get_backend()['roi_align']); "
+             "from segkit.model_zoo import list_models; "
+             "print(len(list_models()) >= 8)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(target)})
     assert out.returncode == 0, out.stderr[-2000:]
-    where, depth, ext, backend = out.stdout.split()
+    where, depth, ext, backend, zoo = out.stdout.split()
+    assert zoo == "True"  # the installed catalog is found
     assert Path(where).is_relative_to(target) and depth == "50"
     # the wheel's own compiled ops load, not the source tree's
     assert Path(ext).is_relative_to(target) and backend == "segkit._C"

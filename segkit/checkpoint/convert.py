@@ -13,6 +13,10 @@ arrays, read through a restricted unpickler, or ``.pth``)::
         mask_rcnn_r50_fpn_d2.pth
 
 (see :mod:`segkit.checkpoint.detectron2` for the rules and the config overrides it prints).
+The experiment recorded for a detectron2 file is the one made for detectron2's weights, found
+from its heads and ResNet depth: ``mask_rcnn_r50_fpn_3x_detectron2``,
+``mask_rcnn_r101_fpn_3x_detectron2``, ``faster_rcnn_r50_fpn_3x_detectron2`` or
+``retinanet_r50_fpn_3x_detectron2``.
 
 The output is the segkit checkpoint format (``segkit.checkpoint.io``): ``{"model": state_dict,
 "meta": {"format": "segkit", "version": 1, "config": None, "classes": [...], "experiment":

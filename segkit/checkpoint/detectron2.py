@@ -12,7 +12,8 @@ Reading
 
 Key names
     segkit's detection modules use detectron2's names, so every learned tensor keeps its name
-    (identity rule, :data:`D2_KEY_PATTERNS` lists what is accepted):
+    (identity rule, :data:`D2_KEY_PATTERNS` lists what is accepted), except in RetinaNet's head
+    (rule 5):
 
     ============================================  ============================================
     detectron2 / segkit prefix                    module
@@ -31,8 +32,9 @@ Key names
     ``roi_heads.box_predictor.bbox_pred``         4K class-specific outputs in both
     ``roi_heads.mask_head.``                      ``mask_fcn{i}``, ``deconv``, ``predictor``
                                                   (K class-specific mask channels)
-    ``head.{cls,bbox}_subnet.{i}`` /              RetinaNet head (sigmoid, K per anchor)
-    ``head.{cls_score,bbox_pred}``
+    ``head.{cls,bbox}_subnet.{2i}`` ->            RetinaNet head (sigmoid, K per anchor):
+    ``head.{cls,bbox}_subnet.{i}``,               subnet convs renumbered, predictor outputs
+    ``head.{cls_score,bbox_pred}``                permuted to segkit's anchor order (rule 5)
     ============================================  ============================================
 
     Class order is also the same: detectron2's COCO models have 80 contiguous classes in COCO
@@ -53,6 +55,21 @@ Key names
        configs (``bake_input=False`` keeps the tensor as is, for a model run with
        ``input_format=BGR`` and detectron2's std).
     4. Values become contiguous torch tensors (numpy arrays are copied).
+    5. RetinaNet head, two differences no config value can express. (a) detectron2's subnets
+       are ``Sequential(conv, ReLU, conv, ReLU, ...)``, so its convs are ``cls_subnet.0, .2,
+       .4, .6``; segkit's ``RetinaNetHead`` holds the convs only (ReLU is applied in the
+       conv's forward) as ``cls_subnet.0, .1, .2, .3``: index 2i becomes i (an odd index
+       would be a norm layer, which is refused). (b) detectron2 orders the A = S sizes x R
+       aspect ratios of a location size-major (``DefaultAnchorGenerator.
+       generate_cell_anchors``: ``for size: for ratio``, anchor ``s * R + r``); segkit
+       ratio-major, torchvision's order (:class:`segkit.modeling.anchors.
+       DefaultAnchorGenerator` builds its cell anchors ``ratio x size``, anchor ``r * S + s``).
+       Both heads lay out their predictors anchor by anchor (``cls_score`` output ``a * K + k``,
+       ``bbox_pred`` output ``a * 4 + d``), so the A blocks of those weights and biases are
+       permuted: segkit block ``r * S + s`` is detectron2 block ``s * R + r``, and each anchor
+       box keeps its logits and deltas. S x R is ``retinanet_anchors``, detectron2's 3 x 3
+       (octave sizes 2^0, 2^(1/3), 2^(2/3) x ratios 0.5, 1, 2). With one size per location,
+       as in the RPN, both orders are the same and nothing moves.
 
     Anything else (Caffe2/Detectron1 ``blobs`` names, deformable or cascade heads, keypoint
     heads, ...) is refused with the list of unknown keys.
@@ -76,7 +93,7 @@ from torch import Tensor
 __all__ = [
     "ALLOWED_GLOBALS", "COCO_CLASSES", "D2_KEY_PATTERNS", "SEGKIT_PIXEL_STD",
     "UnsafePickleError", "UnsupportedDetectron2Error", "coco_classes_or_generic",
-    "convert_detectron2",
+    "D2_RETINANET_ANCHORS", "convert_detectron2",
     "read_detectron2_checkpoint", "read_pickle_weights",
 ]
 
@@ -113,6 +130,14 @@ _DROPPED = re.compile(r"^(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors\
                       r"num_batches_tracked$")
 _STEM = "backbone.bottom_up.stem.conv1.weight"
 _DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+_D2_SUBNET = re.compile(r"^head\.(cls_subnet|bbox_subnet)\.(\d+)\.(weight|bias)$")
+D2_RETINANET_ANCHORS = (3, 3)  # sizes x aspect ratios per location, detectron2's RetinaNet
+# (arch, depth) -> the experiment made for detectron2's model-zoo weights (MSRA ResNet, ...)
+_EXPERIMENTS = {("mask_rcnn", 50): "mask_rcnn_r50_fpn_3x_detectron2",
+                ("mask_rcnn", 101): "mask_rcnn_r101_fpn_3x_detectron2",
+                ("faster_rcnn", 50): "faster_rcnn_r50_fpn_3x_detectron2",
+                ("retinanet", 50): "retinanet_r50_fpn_3x_detectron2",
+                ("rpn", 50): "rpn_r50_fpn_1x_coco"}  # no detectron2 RPN experiment: overrides
 
 # detectron2's COCO thing classes (contiguous id c -> name), COCO category-id order
 COCO_CLASSES = [
@@ -226,10 +251,38 @@ def _bake_input(weight: Tensor, d2_std: Sequence[float], segkit_std: Sequence[fl
     return (rgb.double() * scale.view(1, -1, 1, 1)).to(weight.dtype).contiguous()
 
 
+def _retinanet_head(state: Dict[str, Tensor], sizes: int, ratios: int) -> Dict[str, Tensor]:
+    """Rule 5: subnet conv 2i -> i; predictor anchor blocks size-major -> ratio-major."""
+    out: Dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = _D2_SUBNET.match(key)
+        if m is not None:
+            index = int(m.group(2))
+            if index % 2:
+                raise UnsupportedDetectron2Error(
+                    f"{key}: only RetinaNet subnets of conv + ReLU (Sequential indices 0, 2, "
+                    "4, ...) are supported, not subnets with norm layers")
+            key = f"head.{m.group(1)}.{index // 2}.{m.group(3)}"
+        out[key] = value
+    anchors = sizes * ratios
+    order = [(j % sizes) * ratios + j // sizes for j in range(anchors)]  # segkit j <- d2 order[j]
+    for name in ("head.cls_score", "head.bbox_pred"):
+        for leaf in ("weight", "bias"):
+            t = out[f"{name}.{leaf}"]
+            if t.shape[0] % anchors:
+                raise UnsupportedDetectron2Error(
+                    f"{name}.{leaf} has {t.shape[0]} outputs, not a multiple of {anchors} "
+                    f"anchors ({sizes} sizes x {ratios} aspect ratios, retinanet_anchors)")
+            blocks = t.reshape(anchors, t.shape[0] // anchors, *t.shape[1:])
+            out[f"{name}.{leaf}"] = blocks[order].reshape(t.shape).contiguous()
+    return out
+
+
 def convert_detectron2(
     state: Mapping[str, Any], *, bake_input: bool = True,
     d2_pixel_std: Sequence[float] = D2_PIXEL_STD,
     segkit_pixel_std: Sequence[float] = SEGKIT_PIXEL_STD,
+    retinanet_anchors: Tuple[int, int] = D2_RETINANET_ANCHORS,
 ) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """Convert a detectron2 model state (names -> arrays/tensors) into a segkit state dict.
 
@@ -238,10 +291,16 @@ def convert_detectron2(
         bake_input: apply the stem rule (BGR + ``d2_pixel_std`` -> RGB + ``segkit_pixel_std``).
         d2_pixel_std: detectron2's ``MODEL.PIXEL_STD`` (BGR order).
         segkit_pixel_std: the segkit config's ``pixel_std`` (RGB order).
+        retinanet_anchors: (sizes, aspect ratios) per location of a RetinaNet's anchors
+            (rule 5); their product must be the number of anchors the predictors have.
 
     Returns:
         ``(state_dict, report)``; report: ``{"arch", "depth", "num_classes", "has_mask",
-        "experiment", "dropped": [keys], "config_overrides": [str]}``.
+        "experiment", "dropped": [keys], "config_overrides": [str]}``. ``experiment`` is the
+        segkit experiment made for detectron2's weights of that architecture
+        (``mask_rcnn_r50_fpn_3x_detectron2``, ``mask_rcnn_r101_fpn_3x_detectron2``,
+        ``faster_rcnn_r50_fpn_3x_detectron2``, ``retinanet_r50_fpn_3x_detectron2``; an R50
+        RPN gets ``rpn_r50_fpn_1x_coco`` with the overrides), else None.
 
     Raises:
         UnsupportedDetectron2Error: unknown keys (listed), non-array values, missing parts.
@@ -283,6 +342,12 @@ def convert_detectron2(
         arch = "mask_rcnn" if has_mask else "faster_rcnn"
     elif "head.cls_score.weight" in out:
         anchors = out["head.bbox_pred.weight"].shape[0] // 4
+        sizes, ratios = retinanet_anchors
+        if anchors != sizes * ratios:
+            raise UnsupportedDetectron2Error(
+                f"head.bbox_pred has {anchors} anchors per location, not retinanet_anchors="
+                f"{sizes} sizes x {ratios} aspect ratios; pass the model's counts")
+        out = _retinanet_head(out, sizes, ratios)
         num_classes = out["head.cls_score.weight"].shape[0] // anchors
         arch = "retinanet"
     elif "proposal_generator.rpn_head.conv.weight" in out:
@@ -290,11 +355,7 @@ def convert_detectron2(
     else:
         raise UnsupportedDetectron2Error("no detection head (roi_heads, head or "
                                          "proposal_generator) in the weights")
-    experiment = None
-    known = {("mask_rcnn", 50), ("mask_rcnn", 101), ("faster_rcnn", 50), ("retinanet", 50),
-             ("rpn", 50)}
-    if (arch, depth) in known:
-        experiment = f"{arch}_r{depth}_fpn_1x_coco"
+    experiment = _EXPERIMENTS.get((arch, depth))
     overrides = ["model.backbone.bottom_up.stride_in_1x1=true"]
     if num_classes is not None:
         overrides.append(f"dataset.num_classes={num_classes}")

@@ -22,6 +22,8 @@ from typing import IO, Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
 import torch
 from torch import nn
 
+from segkit.utils import comm
+
 __all__ = [
     "CheckpointError", "Checkpointer", "IncompatibleKeys", "FORMAT", "VERSION",
     "format_incompatible", "load_checkpoint", "load_state_dict_report", "save_checkpoint",
@@ -233,8 +235,14 @@ class Checkpointer:
         self.checkpointables = {k: v for k, v in named.items() if v is not None}
 
     def save(self, name: str, iteration: int, **extra: Any) -> str:
-        """Write ``save_dir/<name>.pth`` atomically and record it in ``last_checkpoint``."""
+        """Write ``save_dir/<name>.pth`` atomically and record it in ``last_checkpoint``.
+
+        In a distributed job only rank 0 writes (every process holds the same weights); the
+        others return the path it writes to.
+        """
         path = os.path.join(self.save_dir, f"{name}.pth")
+        if not comm.is_main_process():
+            return path
         state = {k: obj.state_dict() for k, obj in self.checkpointables.items()}
         save_checkpoint(path, self.model.state_dict(), meta=self.meta, iteration=int(iteration),
                         **state, **extra)

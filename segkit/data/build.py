@@ -142,7 +142,7 @@ def build_train_loader(records: Sequence[dict], mapper: Callable[..., Dict[str, 
     Args:
         records: dataset records (see ``segkit.data.coco``).
         mapper: ``mapper(record[, rng]) -> dict`` (e.g. a training ``DatasetMapper``).
-        batch_size: images per batch of this process.
+        batch_size: images per batch of this process (the total batch / world_size).
         num_workers: loader processes (0 = load in the main process).
         aspect_ratio_grouping: batch landscape and portrait images separately.
         seed: seed of the sample order and the augmentations.
@@ -168,7 +168,7 @@ def build_train_loader(records: Sequence[dict], mapper: Callable[..., Dict[str, 
                               world_size=world_size)
     group_ids = aspect_ratio_group_ids(records) if aspect_ratio_grouping else None
     batch_sampler = GroupedBatchSampler(sampler, batch_size, group_ids, seed=seed, rank=rank,
-                                        start_batch=start_iter)
+                                        start_batch=start_iter, world_size=world_size)
     return DataLoader(MapDataset(records, mapper), batch_sampler=batch_sampler,
                       num_workers=num_workers, collate_fn=trivial_batch_collator,
                       worker_init_fn=functools.partial(worker_init_fn, seed=seed, rank=rank),

@@ -7,8 +7,10 @@ Every process of a distributed job draws the same permutations and keeps every
 communication.
 
 :class:`GroupedBatchSampler` cuts that stream into batches and tags every sample with a key
-``(seed, rank, position in the stream)``. The loader seeds the sample's augmentation from that
-key, which is why a batch is the same whatever the number of loader workers.
+``(seed, position in the whole stream)``. The loader seeds the sample's augmentation from that
+key, which is why a batch is the same whatever the number of loader workers, and why N
+processes with batches of B see exactly the samples, augmentations included, that one process
+with batches of N*B sees (without aspect-ratio grouping, which regroups per process).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch.utils.data import Sampler
 
 __all__ = ["TrainingSampler", "InferenceSampler", "GroupedBatchSampler", "aspect_ratio_group_ids"]
 
-SampleKey = Tuple[int, Tuple[int, int, int]]  # (dataset index, (seed, rank, position))
+SampleKey = Tuple[int, Tuple[int, int]]  # (dataset index, (seed, global stream position))
 
 
 def _check_shard(rank: int, world_size: int) -> None:
@@ -95,29 +97,34 @@ class GroupedBatchSampler(Sampler[List[SampleKey]]):
         batch_size: samples per batch.
         group_ids: group of each dataset index (see :func:`aspect_ratio_group_ids`); ``None``
             batches in stream order. Samples wait in a per-group bucket until it is full.
-        seed, rank: first two entries of each sample's key.
+        seed: first entry of each sample's key.
+        rank, world_size: the shard of ``sampler`` (a :class:`TrainingSampler` keeps positions
+            ``rank, rank + world_size, ...`` of the whole stream); they turn this shard's
+            positions back into positions of the whole stream for the keys.
         start_batch: skip this many batches first (index bookkeeping only, no image is read),
             so a resumed run continues the same stream.
 
     Yields:
-        Lists of ``(index, (seed, rank, position))``, position counting this rank's stream.
+        Lists of ``(index, (seed, position))``, position counting the whole stream.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int,
                  group_ids: Optional[Sequence[int]] = None, seed: int = 0, rank: int = 0,
-                 start_batch: int = 0):
+                 start_batch: int = 0, world_size: int = 1):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        _check_shard(rank, world_size)
         self.sampler, self.batch_size = sampler, int(batch_size)
         self.group_ids = None if group_ids is None else list(group_ids)
         self.seed, self.rank, self.start_batch = int(seed), int(rank), int(start_batch)
+        self.world_size = int(world_size)
 
     def _batches(self) -> Iterator[List[SampleKey]]:
         buckets: dict = {}
         for pos, idx in enumerate(self.sampler):
             group = 0 if self.group_ids is None else self.group_ids[idx]
             bucket = buckets.setdefault(group, [])
-            bucket.append((int(idx), (self.seed, self.rank, pos)))
+            bucket.append((int(idx), (self.seed, self.rank + self.world_size * pos)))
             if len(bucket) == self.batch_size:
                 yield bucket
                 buckets[group] = []

@@ -9,6 +9,7 @@ from .defaults import (
     build_train_loader, default_setup, evaluate, format_results_table,
 )
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
+from .launch import launch
 from .lr_scheduler import LRMultiplier, WarmupParamScheduler, build_lr_multiplier
 from .rng import get_rng_state, seed_all, set_rng_state
 from .trainer import HookBase, SimpleTrainer, TrainerBase, check_losses_finite
@@ -20,5 +21,5 @@ __all__ = [
     "EvalHook", "HookBase", "IterationTimer", "LRMultiplier", "LRScheduler",
     "PeriodicCheckpointer", "PeriodicWriter", "SimpleTrainer", "TrainerBase",
     "WarmupParamScheduler", "build_lr_multiplier", "check_losses_finite", "get_rng_state",
-    "seed_all", "set_rng_state",
+    "launch", "seed_all", "set_rng_state",
 ]

@@ -19,24 +19,61 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["checkpoint_config", "eval_config", "eval_main", "run_eval", "run_train",
-           "train_main"]
+__all__ = ["checkpoint_config", "eval_config", "eval_main", "requeued", "run_eval", "run_train",
+           "train_main", "train_worker"]
 
 logger = logging.getLogger(__name__)
 
 
 def run_train(cfg: DictConfig) -> Dict[str, Any]:
-    """Train from a composed config (honours ``train.resume``); returns the final results."""
+    """Train from a composed config and return the final results, through
+    :func:`segkit.engine.launch`: in this process, in ``train.num_processes_per_machine``
+    local processes, or as one rank of a torchrun / SLURM job.
+
+    Honours ``train.resume``; a SLURM job that was requeued (preempted or timed out) resumes
+    from its last checkpoint on its own.
+    """
+    from segkit.config import resolve_output_dir
+
+    from .launch import launch
+
+    with open_dict(cfg):
+        # Hydra's runtime is known only in this process: spawned ones get the plain path
+        cfg.train.output_dir = resolve_output_dir(cfg)
+    t = cfg.train
+    return launch(train_worker, (cfg,),
+                  num_processes_per_machine=int(t.get("num_processes_per_machine", 1)),
+                  num_machines=int(t.get("num_machines", 1)),
+                  machine_rank=int(t.get("machine_rank", 0)),
+                  dist_url=str(t.get("dist_url", "auto")), device=str(t.device))
+
+
+def requeued() -> bool:
+    """True in a SLURM job that the scheduler restarted (``SLURM_RESTART_COUNT`` > 0: after a
+    preemption, or a timeout that submitit turned into a requeue)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def train_worker(cfg: DictConfig) -> Dict[str, Any]:
+    """One process's training run (every rank runs it; rank 0 writes the results)."""
+    from segkit.utils.comm import is_main_process
+
     from .defaults import Trainer, default_setup, format_results_table, save_results_json
 
     output_dir = default_setup(cfg)
+    resume = bool(cfg.train.resume)
+    if not resume and requeued():
+        logger.info("SLURM requeued this job (restart %s): resuming from its last checkpoint",
+                    os.environ["SLURM_RESTART_COUNT"])
+        resume = True
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=bool(cfg.train.resume))
+    trainer.resume_or_load(resume=resume)
     results = trainer.train()
-    logger.info("Final evaluation (%s):\n%s", cfg.get("experiment"),
-                format_results_table(results))
-    save_results_json(results, os.path.join(output_dir, "final_results.json"),
-                      experiment=cfg.get("experiment"))
+    if is_main_process():
+        logger.info("Final evaluation (%s):\n%s", cfg.get("experiment"),
+                    format_results_table(results))
+        save_results_json(results, os.path.join(output_dir, "final_results.json"),
+                          experiment=cfg.get("experiment"))
     return results
 
 

@@ -6,6 +6,7 @@ evaluation and PNGs of ground truth next to predictions for a few validation ima
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional
@@ -15,14 +16,15 @@ from omegaconf import DictConfig
 
 from segkit.checkpoint import Checkpointer
 from segkit.checkpoint.io import LAST_CHECKPOINT
+from segkit.utils import comm
 from segkit.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from . import defaults as D
 from .hooks import EvalHook, IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
-from .rng import set_rng_state
+from .rng import restore_rng_state
 from .trainer import HookBase, SimpleTrainer
 
-__all__ = ["Trainer", "visualize_predictions"]
+__all__ = ["Trainer", "visualize_predictions", "wrap_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,12 @@ class Trainer(SimpleTrainer):
     Config keys read besides the builders': ``solver.max_iter``, ``solver.clip_grad_norm``,
     ``train.output_dir``, ``train.init_weights``, ``train.checkpoint_period``,
     ``train.eval_period`` (0: only at the end), ``train.log_period``,
-    ``train.num_vis_images``, optional ``train.amp`` (default false).
+    ``train.num_vis_images``, ``train.amp`` / ``train.amp_dtype`` (mixed precision),
+    ``train.find_unused_parameters`` (DistributedDataParallel).
+
+    In a distributed job (:func:`segkit.engine.launch`) the model is wrapped in
+    ``DistributedDataParallel``, each process loads its shard of every batch, evaluation is
+    sharded, and only rank 0 writes checkpoints, metrics, results and pictures.
     """
 
     def __init__(self, cfg: DictConfig):
@@ -51,8 +58,10 @@ class Trainer(SimpleTrainer):
         model = D.build_model(cfg)
         optimizer = D.build_optimizer(cfg, model)
         # The loader is built in train(), once resume_or_load knows the start iteration.
-        super().__init__(model, None, optimizer, clip_grad_norm=cfg.solver.get("clip_grad_norm"),
-                         amp=bool(cfg.train.get("amp", False)))
+        super().__init__(wrap_distributed(model, cfg), None, optimizer,
+                         clip_grad_norm=cfg.solver.get("clip_grad_norm"),
+                         amp=bool(cfg.train.get("amp", False)),
+                         amp_dtype=str(cfg.train.get("amp_dtype", "auto")))
         self.scheduler = D.build_lr_scheduler(cfg, optimizer)
         self.output_dir = str(cfg.train.output_dir)
         # the GradScaler's loss scale is part of the run: a resumed AMP run must not restart
@@ -79,11 +88,15 @@ class Trainer(SimpleTrainer):
         ]
 
     def build_writers(self) -> List[Any]:
-        """Console line + progress bar, ``metrics.json`` lines, TensorBoard events."""
+        """Console line + progress bar, ``metrics.json`` lines, TensorBoard events (rank 0;
+        the other processes write nothing, their losses are averaged into rank 0's)."""
+        if not comm.is_main_process():
+            return []
+        window = int(self.cfg.train.get("metrics_window", 20))
         return [
-            CommonMetricPrinter(self.max_iter),
-            JSONWriter(os.path.join(self.output_dir, "metrics.json")),
-            TensorboardXWriter(self.output_dir),
+            CommonMetricPrinter(self.max_iter, window_size=window),
+            JSONWriter(os.path.join(self.output_dir, "metrics.json"), window_size=window),
+            TensorboardXWriter(self.output_dir, window_size=window),
         ]
 
     def resume_or_load(self, resume: bool = True) -> None:
@@ -98,13 +111,22 @@ class Trainer(SimpleTrainer):
         ckpt = self.checkpointer.resume_or_load(self.cfg.train.get("init_weights"), resume=resume)
         if resume and "iteration" in ckpt:
             self.start_iter = int(ckpt["iteration"]) + 1
-            if "rng" in ckpt:
-                set_rng_state(ckpt["rng"])
+            if "rng" in ckpt and not restore_rng_state(ckpt["rng"]):
+                logger.warning("the checkpoint's RNG states come from a run with another number "
+                               "of processes; random draws after the restart differ from the "
+                               "original run's")
             logger.info("Resuming at iteration %d of %d", self.start_iter, self.max_iter)
 
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model without its ``DistributedDataParallel`` wrapper (inference runs on it: the
+        wrapper's forward is meant for training steps taken by every process together)."""
+        return getattr(self.model, "module", self.model)
+
     def test(self) -> Dict[str, Dict[str, float]]:
-        """COCO evaluation of the current model on the validation split."""
-        return D.evaluate(self.cfg, self.model, self.val_records, self.val_metadata,
+        """COCO evaluation of the current model on the validation split (sharded across the
+        processes of a distributed job; every process gets rank 0's results)."""
+        return D.evaluate(self.cfg, self.unwrapped_model, self.val_records, self.val_metadata,
                           output_dir=os.path.join(self.output_dir, "inference"))
 
     def train(self) -> Dict[str, Any]:  # type: ignore[override]
@@ -129,9 +151,9 @@ class Trainer(SimpleTrainer):
                 raise
             results = dict(self.eval_hook.latest_results or {}) if self.eval_hook else {}
         n = int(self.cfg.train.get("num_vis_images", 0) or 0)
-        if n > 0:
-            visualize_predictions(self.cfg, self.model, self.val_records[:n], self.val_metadata,
-                                  os.path.join(self.output_dir, "vis"))
+        if n > 0 and comm.is_main_process():
+            visualize_predictions(self.cfg, self.unwrapped_model, self.val_records[:n],
+                                  self.val_metadata, os.path.join(self.output_dir, "vis"))
         return results
 
     def _log_where_to_resume(self) -> None:
@@ -147,6 +169,29 @@ class Trainer(SimpleTrainer):
                      "The last checkpoint is %s; train.resume=true continues from it in the "
                      "same folder (segkit-train ... train.resume=true hydra.run.dir=%s)",
                      self.iter, last, self.output_dir)
+
+
+def wrap_distributed(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` inside a multi-process job, else unchanged.
+
+    Buffers are not broadcast at every forward: segkit's norms are frozen, GroupNorm or
+    per-process BatchNorm, and a broadcast would make an inference forward on one process
+    wait for the others. ``train.find_unused_parameters`` is for models whose forward skips
+    some parameters in some iterations (segkit's heads keep every parameter in the graph,
+    with zero losses when a batch has nothing to learn from).
+    """
+    if not comm.is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # buffers are copied from rank 0 once, at construction, either way
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})  # torch < 2.15
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, **no_sync,
+        find_unused_parameters=bool(cfg.train.get("find_unused_parameters", False)))
 
 
 # Predictions below this score are left out of the PNGs: a low-threshold panel is unreadable.
@@ -172,7 +217,7 @@ def visualize_predictions(cfg: DictConfig, model: torch.nn.Module, records: List
     classes = list(metadata["thing_classes"])
     try:
         with torch.no_grad():
-            for batch in D.build_test_loader(cfg, records):
+            for batch in D.build_test_loader(cfg, records, sharded=False):
                 for inp, out in zip(batch, model(batch)):
                     record = by_id[inp["image_id"]]
                     canvas = draw_gt_and_predictions(

@@ -23,7 +23,8 @@ from .run_setup import default_setup  # noqa: F401  (re-exported: part of this m
 __all__ = [
     "build_datasets", "build_lr_scheduler", "build_model", "build_optimizer",
     "build_test_loader", "build_train_loader", "checkpoint_meta", "default_setup",
-    "evaluate", "format_results_table", "iou_types", "save_results_json",
+    "evaluate", "format_results_table", "iou_types", "per_process_batch_size",
+    "save_results_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,32 +145,56 @@ def _use_masks(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "model.roi_heads.mask_head") is not None
 
 
+def per_process_batch_size(total: int, world_size: int) -> int:
+    """``dataloader.batch_size`` counts the images of one iteration over all processes, so a
+    recipe trains the same on 1 or N processes; each process loads ``total / N`` of them.
+
+    Raises:
+        ValueError: ``total`` is not a multiple of the number of processes.
+    """
+    if total % world_size:
+        raise ValueError(f"dataloader.batch_size={total} is the batch of all {world_size} "
+                         f"processes together and must be a multiple of {world_size}")
+    return total // world_size
+
+
 def build_train_loader(cfg: DictConfig, records: List[dict], start_iter: int = 0):
     """Infinite training loader from ``dataloader.*`` (train sizes, flip, batch size, workers,
-    grouping, filter_empty) and ``train.seed``.
+    grouping, filter_empty) and ``train.seed``; in a distributed job, this process's shard
+    (``dataloader.batch_size / world size`` images per iteration).
 
     Args:
         start_iter: batches to skip, so a resumed run continues the same sample stream.
     """
     from segkit.data import DatasetMapper
     from segkit.data import build_train_loader as _loader
+    from segkit.utils import comm
 
     dl = cfg.dataloader
+    world = comm.get_world_size()
     mapper = DatasetMapper.from_config(dl, is_train=True, use_masks=_use_masks(cfg))
-    return _loader(records, mapper, batch_size=int(dl.batch_size),
+    return _loader(records, mapper, batch_size=per_process_batch_size(int(dl.batch_size), world),
                    num_workers=int(dl.num_workers),
                    aspect_ratio_grouping=bool(dl.aspect_ratio_grouping),
                    seed=int(cfg.train.seed), filter_empty=bool(dl.filter_empty),
-                   start_iter=int(start_iter))
+                   rank=comm.get_rank(), world_size=world, start_iter=int(start_iter))
 
 
-def build_test_loader(cfg: DictConfig, records: List[dict]):
-    """Inference loader over ``records`` (test sizes, no flip), one pass in order."""
+def build_test_loader(cfg: DictConfig, records: List[dict], sharded: bool = True):
+    """Inference loader over ``records`` (test sizes, no flip), one pass in order.
+
+    Args:
+        sharded: in a distributed job, load only this process's contiguous shard (the
+            evaluators gather the predictions on rank 0); False loads every record.
+    """
     from segkit.data import DatasetMapper
     from segkit.data import build_test_loader as _loader
+    from segkit.utils import comm
 
     mapper = DatasetMapper.from_config(cfg.dataloader, is_train=False, use_masks=False)
-    return _loader(records, mapper, num_workers=int(cfg.dataloader.num_workers))
+    rank, world = (comm.get_rank(), comm.get_world_size()) if sharded else (0, 1)
+    return _loader(records, mapper, num_workers=int(cfg.dataloader.num_workers), rank=rank,
+                   world_size=world)
 
 
 def iou_types(cfg: DictConfig) -> List[str]:
@@ -188,11 +213,15 @@ def evaluate(cfg: DictConfig, model: nn.Module, records: List[dict], metadata: M
     The other keys of ``evaluation`` (besides ``iou_types`` and ``max_images``) are passed to
     the evaluator's constructor, e.g. ``max_dets`` of ``proposals``.
 
+    In a distributed job every process runs its shard of the images; the predictions are
+    gathered and scored on rank 0, and the results are sent back to every process.
+
     Returns:
         ``{"bbox": {"AP": ..., ...}, "segm": {...}}`` (or ``{"AR@100": ...}``...) in percent.
     """
     from segkit.evaluation import inference_on_dataset
     from segkit.registry import EVALUATORS, build
+    from segkit.utils.comm import broadcast_object
 
     max_images = cfg.evaluation.get("max_images")
     if max_images is not None:
@@ -202,7 +231,8 @@ def evaluate(cfg: DictConfig, model: nn.Module, records: List[dict], metadata: M
     node.setdefault("name", "coco")
     evaluator = build(node, EVALUATORS, "evaluation", records=records, metadata=metadata,
                       iou_types=iou_types(cfg), output_dir=output_dir)
-    return inference_on_dataset(model, build_test_loader(cfg, records), evaluator)
+    return broadcast_object(
+        inference_on_dataset(model, build_test_loader(cfg, records), evaluator))
 
 
 def checkpoint_meta(cfg: DictConfig, classes: Sequence[str]) -> Dict[str, Any]:

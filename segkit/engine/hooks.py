@@ -12,9 +12,10 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from segkit.registry import HOOKS
+from segkit.utils import comm
 from segkit.utils.events import EventWriter
 
-from .rng import get_rng_state
+from .rng import gather_rng_state
 from .trainer import HookBase
 
 __all__ = ["EvalHook", "IterationTimer", "LRScheduler", "PeriodicCheckpointer", "PeriodicWriter",
@@ -98,17 +99,18 @@ class PeriodicCheckpointer(HookBase):
     def after_step(self) -> None:
         it = self.trainer.iter
         if self.period > 0 and (it + 1) % self.period == 0 and it + 1 < self.trainer.max_iter:
-            path = self.checkpointer.save(f"model_{it:07d}", iteration=it, rng=get_rng_state())
+            path = self.checkpointer.save(f"model_{it:07d}", iteration=it,
+                                          rng=gather_rng_state())
             self._saved.append(path)
             if self.max_to_keep is not None and len(self._saved) > self.max_to_keep:
                 old = self._saved.pop(0)
-                if os.path.exists(old):
+                if comm.is_main_process() and os.path.exists(old):  # rank 0 owns the files
                     os.remove(old)
 
     def after_train(self) -> None:
         if self.trainer.completed:
             self.checkpointer.save("model_final", iteration=self.trainer.max_iter - 1,
-                                   rng=get_rng_state())
+                                   rng=gather_rng_state())
 
 
 def flatten_results(results: Mapping[str, Any], prefix: str = "") -> Dict[str, float]:

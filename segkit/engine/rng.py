@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "seed_all", "set_rng_state"]
+__all__ = ["gather_rng_state", "get_rng_state", "restore_rng_state", "seed_all", "set_rng_state"]
 
 
 def seed_all(seed: int, deterministic: bool = False) -> None:
@@ -56,3 +56,29 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_state() -> Any:
+    """What a checkpoint stores: this process's :func:`get_rng_state`, or in a distributed job
+    the list of every process's state in rank order (a collective: all processes call it)."""
+    from segkit.utils import comm
+
+    state = get_rng_state()
+    return comm.all_gather(state) if comm.is_distributed() else state
+
+
+def restore_rng_state(saved: Any) -> bool:
+    """Restore this process's state from :func:`gather_rng_state`'s output.
+
+    Returns:
+        False when the checkpoint was written by a different number of processes (no state
+        for this rank): the RNGs keep their seeded state and the caller should say so.
+    """
+    from segkit.utils import comm
+
+    if isinstance(saved, Mapping):
+        saved = [saved]
+    if len(saved) != comm.get_world_size():
+        return False
+    set_rng_state(saved[comm.get_rank()])
+    return True

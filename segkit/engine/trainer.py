@@ -16,9 +16,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from segkit.utils.comm import reduce_mean
 from segkit.utils.events import EventStorage
 
-__all__ = ["HookBase", "SimpleTrainer", "TrainerBase", "check_losses_finite"]
+__all__ = ["HookBase", "SimpleTrainer", "TrainerBase", "amp_dtype_for", "check_losses_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +120,17 @@ class SimpleTrainer(TrainerBase):
             segkit train loader is infinite). May be None if assigned before :meth:`train`.
         optimizer: torch optimizer over the model's parameters.
         clip_grad_norm: max global L2 norm of the gradients, or None for no clipping.
-        amp: run the forward in autocast (bf16 on CPU, fp16 + GradScaler on CUDA).
+        amp: run the forward in autocast (mixed precision; see :func:`amp_dtype_for`). The
+            backward, the optimizer step and the parameters stay float32.
+        amp_dtype: ``auto`` (bfloat16 on CPU, float16 on CUDA), ``bfloat16`` or ``float16``.
+            float16 steps go through a ``GradScaler``: its 5-bit exponent underflows small
+            gradients unless the loss is scaled up first. bfloat16 has float32's exponent
+            range and needs no scaling.
     """
 
     def __init__(self, model: nn.Module, data_loader: Optional[Iterable],
                  optimizer: torch.optim.Optimizer, clip_grad_norm: Optional[float] = None,
-                 amp: bool = False):
+                 amp: bool = False, amp_dtype: str = "auto"):
         super().__init__()
         model.train()
         self.model = model
@@ -135,7 +141,9 @@ class SimpleTrainer(TrainerBase):
         self.amp = amp
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._device_type = device.type
-        self._scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+        self.amp_dtype = amp_dtype_for(device.type, amp_dtype) if amp else None
+        self._scaler = (torch.amp.GradScaler(device.type)
+                        if self.amp_dtype == torch.float16 else None)
 
     def _next_batch(self) -> Any:
         if self._data_iter is None:
@@ -164,7 +172,8 @@ class SimpleTrainer(TrainerBase):
         data = self._next_batch()
         data_time = time.perf_counter() - start
 
-        autocast = (torch.autocast(self._device_type) if self.amp else contextlib.nullcontext())
+        autocast = (torch.autocast(self._device_type, dtype=self.amp_dtype) if self.amp
+                    else contextlib.nullcontext())
         with autocast:
             try:
                 loss_dict = self.model(data)
@@ -175,7 +184,9 @@ class SimpleTrainer(TrainerBase):
         if not isinstance(loss_dict, Mapping) or not loss_dict:
             raise TypeError(f"in training mode the model must return a non-empty dict of "
                             f"losses, got {type(loss_dict).__name__}")
-        values = _loss_values(loss_dict)
+        # averaged over the processes of a distributed job: every process logs and checks the
+        # same numbers, so a NaN on one process stops all of them at this iteration
+        values = reduce_mean(_loss_values(loss_dict))
         check_losses_finite(values, self.iter)
         losses = sum(loss_dict.values())
 
@@ -231,6 +242,26 @@ class SimpleTrainer(TrainerBase):
 _NAN_ADVICE = ("The optimizer step was skipped, so the weights are those after the previous "
                "iteration and saved checkpoints are untouched. Try a lower solver.base_lr, a "
                "longer solver.warmup_iters or solver.clip_grad_norm.")
+
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+               "fp16": torch.float16, "half": torch.float16}
+
+
+def amp_dtype_for(device_type: str, name: str = "auto") -> torch.dtype:
+    """The autocast dtype for ``train.amp_dtype``: ``auto`` is bfloat16 on CPU (the CPU
+    autocast's native low precision, on oneDNN's bf16 kernels) and float16 on CUDA (the fast
+    tensor-core type on every CUDA GPU; set ``bfloat16`` on GPUs that have it).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    key = str(name).lower()
+    if key == "auto":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if key not in _AMP_DTYPES:
+        raise ValueError(f"train.amp_dtype must be auto, bfloat16 or float16, got {name!r}")
+    return _AMP_DTYPES[key]
 
 
 def _loss_values(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, float]:

@@ -11,16 +11,29 @@ Behaviour:
   downloaded again (and replaced).
 * **Hash**: ``sha256`` is a full hex digest (64 chars) or a prefix of at least 8 hex chars, as
   publishers such as torchvision put in their file names (``resnet50-0676ba61.pth``);
-  comparison is case-insensitive.
-* **Atomic**: bytes go to a temporary file in the cache directory, which is fsync'ed, checked
-  against ``Content-Length`` and the hash, then renamed into place with ``os.replace``. A
-  failed or interrupted download never leaves a partial file under the final name.
+  ``md5`` is an md5 digest or a prefix of at least 6 hex chars, which is what detectron2 puts
+  in its file names (``model_final_f10217.pkl``); ``size`` is an exact byte count. Every
+  expectation given is checked (one pass over the bytes computes both digests); comparison is
+  case-insensitive. A 6-hex md5 prefix (24 bits) catches truncation and corruption, not a
+  deliberate substitution: :mod:`segkit.model_zoo.store` adds a sha256 pin for such files.
+* **Transport**: iopath fetches the bytes (``iopath.common.download.download``, i.e.
+  ``urllib``'s ``urlretrieve``, which checks ``Content-Length``), with its tqdm progress bar
+  only when ``progress`` is set and stderr is a terminal (no bar in CI logs). ``urlretrieve``
+  takes no timeout, so ``timeout`` is set as the process's socket default for the transfer
+  (and restored after). iopath's own cache (``HTTPURLHandler``) is not used: it keys files by
+  URL under its own folder and checks no hash; the cache, lock, checks and retries below are
+  segkit's.
+* **Atomic**: iopath downloads into a private temporary folder inside the cache directory; the
+  file is fsync'ed, checked against the hash, then renamed into place with ``os.replace``, and
+  the folder is removed whatever happens. A failed or interrupted download never leaves a
+  partial file under the final name.
 * **Retries**: a connection error, timeout, HTTP 5xx/408/429 or a truncated body (fewer bytes than
   ``Content-Length``, or the connection dropped) is retried up to ``retries`` times with a
   short exponential backoff (``backoff * 2**k`` seconds). Other HTTP errors (404, 403, ...)
-  fail at once. A hash mismatch is retried at most once (``min(retries, 1)``: a second
-  mismatch means the expected hash or the published file is wrong, and downloading again
-  will not help), then fails with the expected and actual digests.
+  fail at once, as do a local I/O error and an empty body (which iopath refuses). A hash
+  mismatch is retried at most once (``min(retries, 1)``: a second mismatch means the expected
+  hash or the published file is wrong, and downloading again will not help), then fails with
+  the expected and actual digests.
 * **Concurrency**: an exclusive ``fcntl.flock`` on ``<file>.lock`` (next to the file) is held
   around check-cache + download, so processes fetching the same file download it once; the
   others wait and then see the cache hit. (Without ``fcntl``, e.g. on Windows, there is no
@@ -38,30 +51,33 @@ Behaviour:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
+
+import iopath.common.download as iopath_download
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["cache_dir", "download", "DownloadError", "file_sha256"]
+from .digests import Expected, file_digests, file_sha256
+
+__all__ = ["cache_dir", "download", "DownloadError", "Expected", "file_digests", "file_sha256",
+           "locked", "offline"]
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1 << 20
 DEFAULT_BACKOFF = 0.5  # seconds; attempt k (from 0) waits backoff * 2**k before retrying
 OFFLINE_ENV = "SEGKIT_OFFLINE"
 MIRROR_ENV = "SEGKIT_ZOO_MIRROR"
@@ -77,7 +93,7 @@ class _Retryable(Exception):
 
 
 class _HashMismatch(Exception):
-    """Internal: the body was complete but its sha256 did not match."""
+    """Internal: the body was complete but its hash or size did not match."""
 
 
 def _cache_root() -> Path:
@@ -92,7 +108,8 @@ def cache_dir() -> Path:
     return _cache_root() / "model_zoo"
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether ``SEGKIT_OFFLINE`` forbids the network (``1``, ``true``, ``yes``, ``on``)."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -107,33 +124,21 @@ def _mirrored(url: str) -> str:
     return mirror.rstrip("/") + rest
 
 
-def _check_sha256(sha256: Optional[str]) -> Optional[str]:
-    if sha256 is None:
-        return None
-    h = sha256.strip().lower()
-    if not (8 <= len(h) <= 64) or any(c not in "0123456789abcdef" for c in h):
-        raise ValueError(f"sha256 must be 8 to 64 hex characters (a digest or its prefix), "
-                         f"got {sha256!r}")
-    return h
+def _mismatch(path: Path, expected: Expected) -> Optional[str]:
+    """None when the file fits ``expected``, else what differs (expected and actual)."""
+    size = path.stat().st_size
+    if expected.size is not None and size != expected.size:  # cheap check first, no read
+        return expected.mismatch({}, size)
+    algorithms = expected.algorithms()
+    return expected.mismatch(file_digests(path, algorithms) if algorithms else {}, size)
 
 
-def file_sha256(path: os.PathLike | str) -> str:
-    """Hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _verified(path: Path, sha256: Optional[str]) -> bool:
-    if not path.is_file():
-        return False
-    return sha256 is None or file_sha256(path).startswith(sha256)
+def _verified(path: Path, expected: Expected) -> bool:
+    return path.is_file() and _mismatch(path, expected) is None
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Exclusive lock on ``<path>.lock``; the lock file is left in place (removing it races)."""
     if fcntl is None:  # pragma: no cover
         yield
@@ -149,79 +154,64 @@ def _locked(path: Path) -> Iterator[None]:
             os.close(fd)
 
 
-def _fetch_once(url: str, dest: Path, sha256: Optional[str], progress: bool,
-                timeout: float) -> None:
-    """One attempt: stream ``url`` into a temp file next to ``dest``, verify, rename."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """urlretrieve (under iopath) takes no timeout: set the socket default while it runs."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "segkit-model-zoo"})
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _fetch_once(url: str, dest: Path, expected: Expected, progress: bool,
+                timeout: float) -> None:
+    """One attempt: iopath downloads ``url`` into a private folder next to ``dest``; the file
+    is fsync'ed, verified and renamed to ``dest``. Failures are sorted into _Retryable,
+    _HashMismatch and DownloadError (fail at once)."""
+    tmpdir = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part"))
+    try:
         try:
-            resp = urllib.request.urlopen(req, timeout=timeout)
+            with _socket_timeout(timeout):
+                part = Path(iopath_download.download(
+                    url, str(tmpdir), filename=dest.name,
+                    progress=progress and sys.stderr.isatty()))
         except urllib.error.HTTPError as e:
             if e.code >= 500 or e.code in _RETRY_HTTP_CODES:
                 raise _Retryable(f"HTTP {e.code} {e.reason}") from e
             raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, http.client.HTTPException, socket.timeout,
-                ConnectionError, TimeoutError) as e:
+        except urllib.error.ContentTooShortError as e:  # fewer bytes than Content-Length
+            raise _Retryable(f"truncated: {e.reason}") from e
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError) as e:  # refused, reset, dropped mid-body, timed out
             raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+        except OSError as e:  # local I/O error, or iopath's "Downloaded an empty file"
+            raise DownloadError(f"cannot download {url}: {e}") from e
 
-        with resp:
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            digest = hashlib.sha256()
-            received = 0
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=dest.name, leave=False,
-                       disable=not (progress and sys.stderr.isatty()))
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    fd = -1  # now owned by f
-                    while True:
-                        try:
-                            chunk = resp.read(CHUNK_SIZE)
-                        except (http.client.HTTPException, OSError) as e:
-                            # IncompleteRead, reset connection, timeout mid-body
-                            raise _Retryable(f"connection dropped after {received} bytes "
-                                             f"({type(e).__name__}: {e})") from e
-                        if not chunk:
-                            break
-                        f.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                bar.close()
-
-        if total is not None and received != total:
-            raise _Retryable(f"truncated: got {received} of {total} bytes")
-        actual = digest.hexdigest()
-        if sha256 is not None and not actual.startswith(sha256):
-            raise _HashMismatch(f"sha256 mismatch for {url}: expected {sha256}"
-                                f"{'' if len(sha256) == 64 else '... (prefix)'}, got {actual}")
-        os.replace(tmp, dest)
-        tmp = None
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+        problem = _mismatch(part, expected)
+        if problem is not None:
+            raise _HashMismatch(f"{problem} for {url}")
+        os.replace(part, dest)
     finally:
-        if fd != -1:
-            os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def download(url: str, sha256: Optional[str] = None, filename: Optional[str] = None, *,
+             md5: Optional[str] = None, size: Optional[int] = None,
              retries: int = 3, progress: bool = True, timeout: float = 60,
              backoff: Optional[float] = None) -> Path:
     """Return the path of a verified local copy of ``url`` in :func:`cache_dir`.
 
     Args:
         url: http(s) URL of the file.
-        sha256: expected sha256, full hex digest or a prefix of >= 8 hex chars; ``None`` skips
-            verification (any cached file with that name is then a hit).
+        sha256: expected sha256, full hex digest or a prefix of >= 8 hex chars.
         filename: name in the cache; default the last component of the URL's path.
+        md5: expected md5, full hex digest or a prefix of >= 6 hex chars.
+        size: expected size in bytes. With none of ``sha256``, ``md5`` and ``size``, nothing is
+            verified (any cached file with that name is then a hit).
         retries: how many times a transient failure (connection error, HTTP 5xx/408/429,
             truncated body) is retried after the first attempt; a hash mismatch is retried at
             most once.
@@ -232,11 +222,11 @@ def download(url: str, sha256: Optional[str] = None, filename: Optional[str] = N
 
     Raises:
         DownloadError: on 4xx, exhausted retries, hash mismatch, or offline without a cache.
-        ValueError: on a malformed ``sha256`` or ``filename``.
+        ValueError: on a malformed ``sha256``, ``md5``, ``size`` or ``filename``.
 
     See the module docstring for ``SEGKIT_OFFLINE`` and ``SEGKIT_ZOO_MIRROR``.
     """
-    sha256 = _check_sha256(sha256)
+    expected = Expected.checked(sha256, md5, size)
     if filename is None:
         filename = os.path.basename(urllib.parse.urlsplit(url).path)
     if not filename or filename in {".", ".."} or "/" in filename or os.sep in filename:
@@ -247,28 +237,30 @@ def download(url: str, sha256: Optional[str] = None, filename: Optional[str] = N
 
     directory = cache_dir()
     dest = directory / filename
-    if _offline():
-        if _verified(dest, sha256):
+    if offline():
+        if _verified(dest, expected):
             return dest
-        what = "is not cached" if not dest.exists() else f"is cached but its sha256 is not {sha256}"
+        what = ("is not cached" if not dest.exists()
+                else f"is cached but does not match {expected.describe()}")
         raise DownloadError(f"{OFFLINE_ENV} is set, so {url} cannot be downloaded, and {dest} "
                             f"{what}. Copy the file there or unset {OFFLINE_ENV}.")
-    if _verified(dest, sha256):  # fast path, no lock
+    if _verified(dest, expected):  # fast path, no lock
         return dest
 
     directory.mkdir(parents=True, exist_ok=True)
     source = _mirrored(url)
-    with _locked(dest):
-        if _verified(dest, sha256):  # another process finished it while we waited
+    with locked(dest):
+        if _verified(dest, expected):  # another process finished it while we waited
             return dest
         if dest.exists():
-            logger.warning("%s does not match sha256 %s; downloading it again", dest, sha256)
+            logger.warning("%s does not match %s; downloading it again", dest,
+                           expected.describe())
         hash_retries = min(retries, 1)
         attempt = 0
         while True:
             try:
                 logger.info("Downloading %s to %s", source, dest)
-                _fetch_once(source, dest, sha256, progress, timeout)
+                _fetch_once(source, dest, expected, progress, timeout)
                 return dest
             except _Retryable as e:
                 if attempt >= retries:

@@ -14,6 +14,8 @@ CORE_EXPERIMENTS = {
     "faster_rcnn_r50_fpn_1x_coco", "mask_rcnn_r50_fpn_torchvision",
     "faster_rcnn_r50_fpn_torchvision", "retinanet_r50_fpn_1x_coco", "retinanet_r18_fpn_embedded",
     "retinanet_r50_fpn_torchvision", "rpn_r50_fpn_1x_coco", "rpn_r18_fpn_embedded",
+    "mask_rcnn_r50_fpn_3x_detectron2", "mask_rcnn_r101_fpn_3x_detectron2",
+    "faster_rcnn_r50_fpn_3x_detectron2", "retinanet_r50_fpn_3x_detectron2",
 }
 
 
@@ -129,3 +131,26 @@ def test_no_typo_hint_for_valid_overrides():
                            "hydra.run.dir=/tmp/x", "solver.base_lr=0.1"], "config") is None
     assert "did you mean 'dataset.train.json'" in _override_hint(
         ["dataset=coco_format", "dataset.train.jsn=a.json"], "config")
+
+
+@pytest.mark.parametrize("preset,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_presets_compose_with_submitit(preset, target):
+    """configs/hydra/launcher presets extend hydra-submitit-launcher's configs: one task per
+    GPU on SLURM, and requeues enabled (a requeued job resumes, tests/engine)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("segkit.configs", version_base=None):
+            cfg = hydra_compose("config", overrides=[f"hydra/launcher={preset}",
+                                                     "hydra.launcher.gpus_per_node=4"],
+                                return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith(f"submitit_launcher.{target}")
+    assert launcher.tasks_per_node == (4 if preset == "slurm" else 1)
+    if preset == "slurm":
+        assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0

@@ -55,13 +55,30 @@ def test_grouped_batches_hold_one_orientation():
     assert len(set(keys)) == len(keys)  # every sample has its own seed key
     for batch in batches:
         assert len(batch) == 3 and len({group_ids[i] for i, _ in batch}) == 1
-        assert all(k[:2] == (5, 0) for _, k in batch)
+        assert all(k[0] == 5 for _, k in batch)
     # without grouping, batches are the stream cut in order
     plain = _take(GroupedBatchSampler(TrainingSampler(10, seed=0), 3), 2)
     assert [i for b in plain for i, _ in b] == _take(TrainingSampler(10, seed=0), 6)
     resumed = _take(GroupedBatchSampler(TrainingSampler(10, seed=0), 3, group_ids, seed=5,
                                         start_batch=4), 3)
     assert resumed == batches[4:7]
+
+
+def test_sharded_batches_are_the_single_process_batch_split():
+    """N processes with batches of B take, at every iteration, exactly the samples (and the
+    augmentation keys) of one process with batches of N*B: distributed training sees the same
+    data as one process with the same total batch."""
+    def batches(rank, world, batch_size):
+        sampler = TrainingSampler(7, seed=3, rank=rank, world_size=world)
+        return _take(GroupedBatchSampler(sampler, batch_size, seed=3, rank=rank,
+                                         world_size=world, start_batch=2), 5)
+
+    single = batches(0, 1, 4)
+    shards = [batches(r, 2, 2) for r in range(2)]
+    for it in range(5):
+        assert sorted(shards[0][it] + shards[1][it]) == sorted(single[it])
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        GroupedBatchSampler(TrainingSampler(7), 2, rank=2, world_size=2)
 
 
 def _summary(batch):

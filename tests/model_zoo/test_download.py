@@ -1,13 +1,13 @@
-"""segkit.model_zoo.download against a local HTTP server on 127.0.0.1 (no internet needed)."""
+"""segkit.model_zoo.download against a local HTTP server on 127.0.0.1 (conftest.py)."""
 import hashlib
-import http.server
+import io
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
+import iopath.common.download as iopath_download
 import pytest
 
 from segkit.model_zoo import DownloadError, cache_dir, download, file_sha256
@@ -16,59 +16,9 @@ BODY = os.urandom(300_000) + b"segkit"
 SHA = hashlib.sha256(BODY).hexdigest()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    # routes: path -> (kind, arg); kinds: ok, truncate, fail_then_ok, status, slow
-    def do_GET(self):  # noqa: N802
-        srv = self.server
-        with srv.lock:
-            srv.hits[self.path] = srv.hits.get(self.path, 0) + 1
-            n = srv.hits[self.path]
-        kind, arg = srv.routes.get(self.path, ("status", 404))
-        if kind == "status":
-            self.send_error(arg)
-            return
-        if kind == "fail_then_ok" and n <= arg:
-            self.send_error(500)
-            return
-        body = srv.bodies.get(self.path, BODY)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        if kind == "truncate":
-            self.send_header("Content-Length", str(len(body) + 1000))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if kind == "slow":
-            time.sleep(arg)
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.lock = threading.Lock()
-    srv.hits, srv.routes, srv.bodies = {}, {}, {}
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("SEGKIT_OFFLINE", raising=False)
-    monkeypatch.delenv("SEGKIT_ZOO_MIRROR", raising=False)
+def _body(server):
+    server.default_body = BODY  # the shared server (conftest.py) serves BODY unless told
 
 
 def _cached_files():
@@ -91,6 +41,42 @@ def test_download_verifies_and_caches(server):
     assert download(server.base + "/m/w.bin", progress=False) == path
     assert server.hits["/m/w.bin"] == 1
     assert _cached_files() == ["w.bin"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_iopath_is_the_transport(server, monkeypatch):
+    """The bytes come through iopath's download(), into a private folder inside the cache that
+    is gone afterwards; its tqdm bar is asked for only when stderr is a terminal."""
+    calls = []
+    real = iopath_download.download
+
+    def recording(url, dir, *, filename=None, progress=True):
+        calls.append({"url": url, "dir": dir, "filename": filename, "progress": progress})
+        return real(url, dir, filename=filename, progress=progress)
+
+    monkeypatch.setattr(iopath_download, "download", recording)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        server.routes[f"/{name}"] = ("ok", None)
+    # progress asked for, but stderr is not a terminal (as in CI): no bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    path = download(server.base + "/a.bin", SHA)
+    assert path.read_bytes() == BODY and sys.stderr.getvalue() == ""
+    # a terminal: iopath draws its bar, unless progress=False
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    download(server.base + "/b.bin", SHA)
+    assert "b.bin" in sys.stderr.getvalue()
+    download(server.base + "/c.bin", SHA, progress=False)
+    assert [(c["url"], c["filename"], c["progress"]) for c in calls] == [
+        (server.base + "/a.bin", "a.bin", False), (server.base + "/b.bin", "b.bin", True),
+        (server.base + "/c.bin", "c.bin", False)]
+    for c in calls:  # a fresh folder inside the cache, not the cache folder itself
+        assert os.path.dirname(c["dir"]) == str(cache_dir()) and not os.path.exists(c["dir"])
+    assert _cached_files() == ["a.bin", "b.bin", "c.bin"]
+    assert download(server.base + "/a.bin", SHA) == path and len(calls) == 3  # cache hit
 
 
 def test_prefix_hash_and_filename(server):
@@ -235,3 +221,32 @@ def test_mirror(server, monkeypatch):
     path = download("https://zoo.example.invalid/models/r50.bin", SHA, progress=False)
     assert path == cache_dir() / "r50.bin" and path.read_bytes() == BODY
     assert server.hits == {"/mirror/models/r50.bin": 1}
+
+
+def test_md5_prefix_and_size(server):
+    """detectron2-style files: an md5 prefix (6+ hex) and an exact size, checked with sha256."""
+    server.routes["/d2/model_final.pkl"] = ("ok", None)
+    md5 = hashlib.md5(BODY).hexdigest()
+    url = server.base + "/d2/model_final.pkl"
+    path = download(url, md5=md5[:6], size=len(BODY), progress=False)
+    assert path.read_bytes() == BODY
+    assert download(url, SHA[:8], md5=md5.upper(), size=len(BODY)) == path  # cache hit
+    assert server.hits["/d2/model_final.pkl"] == 1
+    with pytest.raises(ValueError, match="md5 must be 6 to 32 hex"):
+        download(url, md5="abc")
+    with pytest.raises(ValueError, match="size must be a byte count"):
+        download(url, size=-1)
+
+
+def test_md5_or_size_mismatch(server):
+    server.routes["/m.pkl"] = ("ok", None)
+    url = server.base + "/m.pkl"
+    with pytest.raises(DownloadError, match=r"md5 mismatch: expected 000000\.\.\. \(prefix\)"):
+        download(url, md5="000000", backoff=0.01, progress=False)
+    with pytest.raises(DownloadError, match=f"size {len(BODY)} bytes, expected 12"):
+        download(url, size=12, backoff=0.01, progress=False)
+    assert _cached_files() == []
+    # a cached file that fails the md5 is replaced, as one that fails the sha256
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    (cache_dir() / "m.pkl").write_bytes(b"corrupt")
+    assert download(url, md5=hashlib.md5(BODY).hexdigest()[:6]).read_bytes() == BODY

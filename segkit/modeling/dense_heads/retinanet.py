@@ -27,6 +27,7 @@ from segkit.modeling.losses import (SigmoidFocalLoss, SmoothL1Loss, box_regressi
 from segkit.modeling.matcher import Matcher
 from segkit.registry import HEADS, LOSSES
 from segkit.structures import Boxes, ImageList, Instances, pairwise_iou
+from segkit.utils.comm import global_mean_count
 
 __all__ = ["RetinaNetHead", "convert_torchvision_retinanet_head"]
 
@@ -236,7 +237,9 @@ class RetinaNetHead(nn.Module):
         logits_all, deltas_all = cat(logits, dim=1), cat(deltas, dim=1)
         valid = labels >= 0
         fg = valid & (labels != self.num_classes)
-        normalizer = max(1.0, float(fg.sum()))
+        # the batch's foreground count over all processes (segkit.utils.comm): N processes
+        # with B images each then train exactly like one process with N*B images
+        normalizer = max(1.0, global_mean_count(fg.sum()))
 
         # One-hot over K + 1 columns, then drop the background column: background = all zeros.
         targets = F.one_hot(labels[valid], self.num_classes + 1)[:, :-1].to(logits_all.dtype)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from segkit.layers import ShapeSpec
 from segkit.registry import HEADS
 from segkit.structures import Instances
+from segkit.utils.comm import global_mean_count
 
 __all__ = ["MaskRCNNConvUpsampleHead", "mask_rcnn_loss", "mask_rcnn_inference"]
 
@@ -85,7 +86,8 @@ def _select_class(logits: Tensor, classes: Tensor) -> Tensor:
 
 
 def mask_rcnn_loss(logits: Tensor, gt_classes: Tensor, targets: Tensor) -> Tensor:
-    """Average per-pixel sigmoid binary cross-entropy on the GT class channel only.
+    """Per-pixel sigmoid binary cross-entropy on the GT class channel only, averaged over the
+    pixels of the positive RoIs of the whole batch (all processes).
 
     Mask R-CNN (papers.md section 7, "Loss"): the K masks do not compete, only the channel of
     the RoI's ground-truth class is trained, and only on positive RoIs (the caller passes
@@ -99,6 +101,9 @@ def mask_rcnn_loss(logits: Tensor, gt_classes: Tensor, targets: Tensor) -> Tenso
     Returns:
         scalar loss; 0 (still attached to ``logits``) when P = 0.
     """
+    # Mean over the positive RoIs of the whole batch, all processes included (called by every
+    # process, also one without positives: segkit.utils.comm.global_mean_count).
+    num_rois = global_mean_count(logits.shape[0])
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     expected = (logits.shape[0],) + tuple(logits.shape[2:])
@@ -106,7 +111,8 @@ def mask_rcnn_loss(logits: Tensor, gt_classes: Tensor, targets: Tensor) -> Tenso
         raise ValueError(f"mask_rcnn_loss: targets must have shape {expected}, "
                          f"got {tuple(targets.shape)}")
     chosen = _select_class(logits, gt_classes)
-    return F.binary_cross_entropy_with_logits(chosen, targets.to(chosen.dtype), reduction="mean")
+    loss = F.binary_cross_entropy_with_logits(chosen, targets.to(chosen.dtype), reduction="sum")
+    return loss / (num_rois * chosen[0].numel())
 
 
 def mask_rcnn_inference(logits: Tensor, detections: List[Instances]) -> None:

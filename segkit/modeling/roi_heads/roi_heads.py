@@ -284,6 +284,8 @@ class StandardROIHeads(nn.Module):
             # 7); mask_indices avoids copying one full-image mask per RoI.
             targets.append(gt.gt_masks.crop_and_resize(
                 f.proposal_boxes.tensor, size, mask_indices=f.gt_index).to(logits.device))
-        if not targets:  # no foreground RoI in the batch: zero loss, graph kept for DDP
-            return logits.sum() * 0.0
-        return mask_rcnn_loss(logits, torch.cat([f.gt_classes for f in fg]), torch.cat(targets))
+        # No foreground RoI in this process's batch still calls the loss: it normalises with a
+        # count summed over the processes, a collective every process must join (and it
+        # returns a zero loss attached to the mask head, as DDP requires).
+        target = torch.cat(targets) if targets else logits.new_zeros((0, size, size))
+        return mask_rcnn_loss(logits, torch.cat([f.gt_classes for f in fg]), target)
