@@ -32,7 +32,11 @@ def hydra_app(task: Callable[[DictConfig], object], config_name: str = "config")
         merged = searchpath_overrides(overrides)
         if merged != overrides:
             kept = [a for a in args if a not in overrides or a in merged]
-            sys.argv = [sys.argv[0]] + kept + [o for o in merged if o not in overrides]
+            added = [o for o in merged if o not in overrides]
+            # next to the other overrides: argparse takes one run of positional words, so
+            # `a=1 --cfg job hydra.searchpath=...` would be refused
+            at = next((i for i, a in enumerate(kept) if a in overrides), 0)
+            sys.argv = [sys.argv[0]] + kept[:at] + added + kept[at:]
         try:
             return main()
         except SystemExit as e:

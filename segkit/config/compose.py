@@ -8,13 +8,14 @@ an override sets it.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .search_path import searchpath_overrides
+from .search_path import project_config_sources, searchpath_overrides
 
 CONFIG_MODULE = "segkit.configs"
 
@@ -126,8 +127,17 @@ def _override_hint(overrides: List[str], config_name: str) -> Optional[str]:
 
 
 def is_config_group(key: str) -> bool:
-    """Whether ``key`` names a config group (``dataset``, ``model/backbone``), not a value."""
-    return (config_dir() / key).is_dir()
+    """Whether ``key`` names a config group (``dataset``, ``model/backbone``), not a value, in
+    the core tree or in an installed project's configs (``model/refinement`` of DeepMask)."""
+    if (config_dir() / key).is_dir():
+        return True
+    for _, source in project_config_sources():
+        package = source[len("pkg://"):]
+        spec = importlib.util.find_spec(package)
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        if any((Path(folder) / key).is_dir() for folder in folders):
+            return True
+    return False
 
 
 def to_plain(cfg: Any) -> Any:

@@ -1,0 +1,1 @@
+"""Hydra configs of segkit-deepmask; they join segkit's config groups (``model=sharpmask``)."""
