@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 __all__ = [
     "Registry", "Child", "build", "BuildError",
     "BACKBONES", "PROPOSAL_GENERATORS", "ROI_HEADS", "HEADS", "LOSSES", "META_ARCHS",
-    "DATASETS", "EVALUATORS", "HOOKS", "ROOT_REGISTRIES", "load_plugins",
+    "DATASETS", "EVALUATORS", "HOOKS", "TRAIN_LOADERS", "ROOT_REGISTRIES", "load_plugins",
 ]
 
 PLUGIN_GROUP = "segkit.plugins"
@@ -319,9 +319,15 @@ META_ARCHS = Registry("meta_arch")
 DATASETS = Registry("dataset")
 EVALUATORS = Registry("evaluator")
 HOOKS = Registry("hook")
+# Training-data builders, selected by ``dataloader.name`` (segkit.engine.defaults
+# .build_train_loader): ``detection`` (images + instances) is the core's; a project whose model
+# trains on other batches (DeepMask's patches) registers its own. Each entry is called as
+# ``fn(cfg, records, *, batch_size, rank, world_size, start_iter)`` and returns an iterable of
+# batches (see ``build_train_loader`` for the contract).
+TRAIN_LOADERS = Registry("train_loader")
 
 ROOT_REGISTRIES = {
     r.name: r
     for r in (BACKBONES, PROPOSAL_GENERATORS, ROI_HEADS, HEADS, LOSSES, META_ARCHS, DATASETS,
-              EVALUATORS, HOOKS)
+              EVALUATORS, HOOKS, TRAIN_LOADERS)
 }

@@ -156,4 +156,4 @@ def test_entry_point_plugins_loaded_on_first_miss(tmp_path, monkeypatch):
 def test_root_registries_fixed_set():
     assert set(reg.ROOT_REGISTRIES) == {
         "backbone", "proposal_generator", "roi_heads", "head", "loss", "meta_arch", "dataset",
-        "evaluator", "hook"}
+        "evaluator", "hook", "train_loader"}

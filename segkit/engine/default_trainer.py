@@ -43,7 +43,10 @@ class Trainer(SimpleTrainer):
     ``train.output_dir``, ``train.init_weights``, ``train.checkpoint_period``,
     ``train.eval_period`` (0: only at the end), ``train.log_period``,
     ``train.num_vis_images``, ``train.amp`` / ``train.amp_dtype`` (mixed precision),
-    ``train.find_unused_parameters`` (DistributedDataParallel).
+    ``train.find_unused_parameters`` (DistributedDataParallel). The training batches come
+    from the builder that ``dataloader.name`` names (``detection`` by default; a project
+    registers its own in ``segkit.registry.TRAIN_LOADERS``, see
+    :func:`segkit.engine.defaults.build_train_loader`).
 
     In a distributed job (:func:`segkit.engine.launch`) the model is wrapped in
     ``DistributedDataParallel``, each process loads its shard of every batch, evaluation is

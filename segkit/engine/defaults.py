@@ -16,14 +16,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from segkit.registry import TRAIN_LOADERS, BuildError
+
 from .lr_scheduler import LRMultiplier
 from .lr_scheduler import build_lr_scheduler as _build_lr_scheduler_from_solver
 from .run_setup import default_setup  # noqa: F401  (re-exported: part of this module's API)
 
 __all__ = [
-    "build_datasets", "build_lr_scheduler", "build_model", "build_optimizer",
-    "build_test_loader", "build_train_loader", "checkpoint_meta", "default_setup",
-    "evaluate", "format_results_table", "iou_types", "per_process_batch_size",
+    "build_datasets", "build_detection_train_loader", "build_lr_scheduler", "build_model",
+    "build_optimizer", "build_test_loader", "build_train_loader", "checkpoint_meta",
+    "default_setup", "evaluate", "format_results_table", "iou_types", "per_process_batch_size",
     "save_results_json",
 ]
 
@@ -158,26 +160,71 @@ def per_process_batch_size(total: int, world_size: int) -> int:
     return total // world_size
 
 
+DEFAULT_TRAIN_LOADER = "detection"
+
+
 def build_train_loader(cfg: DictConfig, records: List[dict], start_iter: int = 0):
-    """Infinite training loader from ``dataloader.*`` (train sizes, flip, batch size, workers,
-    grouping, filter_empty) and ``train.seed``; in a distributed job, this process's shard
-    (``dataloader.batch_size / world size`` images per iteration).
+    """Infinite training loader: the ``TRAIN_LOADERS`` entry named by ``dataloader.name``
+    (default ``"detection"``, :func:`build_detection_train_loader`), given this process's
+    share of the batch.
+
+    ``dataloader.batch_size`` is the batch of one iteration over all processes; the builder
+    gets ``batch_size = dataloader.batch_size / world size`` and this process's ``rank`` (from
+    :mod:`segkit.utils.comm`), so every registered loader shards the same way and a recipe
+    trains the same on 1 or N processes.
+
+    A project registers its own builder when its model trains on other batches than images
+    with instances (DeepMask's patches, ``dataloader.name=deepmask.patches``)::
+
+        @TRAIN_LOADERS.register("patches", scope="myproject")
+        def build_patch_loader(cfg, records, *, batch_size, rank, world_size, start_iter):
+            ...  # reads its own keys of cfg.dataloader; returns an iterable of batches
+
+    The builder must return batches the model's training forward accepts, forever (or the
+    trainer restarts a finite one), and draw batch ``i`` the same way whether it started at
+    0 or at ``start_iter = i`` (a resumed run continues the same stream).
 
     Args:
+        records: the training split's dataset records.
+        start_iter: the first iteration to load (batches before it are skipped, not drawn).
+
+    Raises:
+        KeyError: ``dataloader.name`` is not registered (the message lists the names).
+        ValueError: ``dataloader.batch_size`` is not a multiple of the number of processes.
+    """
+    from segkit.utils import comm
+
+    name = str(cfg.dataloader.get("name") or DEFAULT_TRAIN_LOADER)
+    try:
+        builder = TRAIN_LOADERS.get(name)
+    except BuildError as e:
+        raise BuildError(f"dataloader.name: {e}") from None
+    world = comm.get_world_size()
+    return builder(cfg, records,
+                   batch_size=per_process_batch_size(int(cfg.dataloader.batch_size), world),
+                   rank=comm.get_rank(), world_size=world, start_iter=int(start_iter))
+
+
+@TRAIN_LOADERS.register(DEFAULT_TRAIN_LOADER)
+def build_detection_train_loader(cfg: DictConfig, records: List[dict], *, batch_size: int,
+                                 rank: int, world_size: int, start_iter: int = 0):
+    """The detectors' loader (``TRAIN_LOADERS`` ``"detection"``): images and instances from
+    ``dataloader.*`` (train sizes, flip, workers, grouping, filter_empty) and ``train.seed``.
+
+    Args:
+        batch_size: images per iteration of this process.
+        rank, world_size: this process's shard of every batch.
         start_iter: batches to skip, so a resumed run continues the same sample stream.
     """
     from segkit.data import DatasetMapper
     from segkit.data import build_train_loader as _loader
-    from segkit.utils import comm
 
     dl = cfg.dataloader
-    world = comm.get_world_size()
     mapper = DatasetMapper.from_config(dl, is_train=True, use_masks=_use_masks(cfg))
-    return _loader(records, mapper, batch_size=per_process_batch_size(int(dl.batch_size), world),
-                   num_workers=int(dl.num_workers),
+    return _loader(records, mapper, batch_size=batch_size, num_workers=int(dl.num_workers),
                    aspect_ratio_grouping=bool(dl.aspect_ratio_grouping),
                    seed=int(cfg.train.seed), filter_empty=bool(dl.filter_empty),
-                   rank=comm.get_rank(), world_size=world, start_iter=int(start_iter))
+                   rank=rank, world_size=world_size, start_iter=int(start_iter))
 
 
 def build_test_loader(cfg: DictConfig, records: List[dict], sharded: bool = True):
@@ -197,10 +244,22 @@ def build_test_loader(cfg: DictConfig, records: List[dict], sharded: bool = True
                    world_size=world)
 
 
+def _predicts_masks(cfg: DictConfig) -> bool:
+    """A mask head in the ROI heads, or a meta-architecture class that says it predicts masks
+    (``predicts_masks = True``, e.g. DeepMask's proposals, which are masks)."""
+    if _use_masks(cfg):
+        return True
+    import segkit.modeling  # noqa: F401  (registers the components)
+    from segkit.registry import META_ARCHS
+
+    name = OmegaConf.select(cfg, "model.name")
+    return name is not None and bool(getattr(META_ARCHS.get(str(name)), "predicts_masks", False))
+
+
 def iou_types(cfg: DictConfig) -> List[str]:
-    """``evaluation.iou_types`` minus "segm" when the model has no mask head (Faster R-CNN)."""
+    """``evaluation.iou_types`` minus "segm" when the model predicts no masks (Faster R-CNN)."""
     types = [str(t) for t in cfg.evaluation.iou_types]
-    if "segm" in types and not _use_masks(cfg):
+    if "segm" in types and not _predicts_masks(cfg):
         types.remove("segm")
     return types
 

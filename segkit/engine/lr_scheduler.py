@@ -60,15 +60,18 @@ def build_lr_multiplier(solver: Mapping[str, Any]) -> ParamScheduler:
     """The LR multiplier schedule described by the ``solver`` config node.
 
     Keys read: ``schedule`` ("step" | "cosine"), ``max_iter``, ``steps`` and ``gamma`` (step),
-    ``warmup_iters``, ``warmup_factor``; optional ``cosine_end_factor`` (default 0).
+    ``warmup_iters``, ``warmup_factor``; optional ``cosine_end_factor`` (default 0) and
+    ``step_factors`` (step; default null).
 
     Returns:
         fvcore scheduler: ``WarmupParamScheduler`` over ``MultiStepParamScheduler`` (multiplier
-        ``gamma ** #{s in steps: s <= iteration}``) or ``CosineParamScheduler`` (1 -> end),
-        or the bare schedule when ``warmup_iters`` is 0.
+        ``gamma ** #{s in steps: s <= iteration}``, or ``step_factors[k]`` after the k-th
+        step when given, e.g. DeepMask's 1e-3 -> 5e-4 -> 1e-4 is ``[1.0, 0.5, 0.1]``) or
+        ``CosineParamScheduler`` (1 -> end), or the bare schedule when ``warmup_iters`` is 0.
 
     Raises:
-        ValueError: unknown schedule, steps not increasing or not inside (0, max_iter).
+        ValueError: unknown schedule, steps not increasing or not inside (0, max_iter),
+            ``step_factors`` not one per interval (``len(steps) + 1``).
     """
     schedule = str(_require(solver, "schedule"))
     max_iter = int(_require(solver, "max_iter"))
@@ -79,13 +82,20 @@ def build_lr_multiplier(solver: Mapping[str, Any]) -> ParamScheduler:
         if any(not 0 < s < max_iter for s in steps) or steps != sorted(set(steps)):
             raise ValueError(f"solver.steps must be increasing iterations in (0, max_iter="
                              f"{max_iter}), got {steps}")
-        gamma = float(_require(solver, "gamma"))
+        factors = solver.get("step_factors")
+        if factors is None:
+            gamma = float(_require(solver, "gamma"))
+            factors = [gamma ** k for k in range(len(steps) + 1)]
+        factors = [float(f) for f in factors]
+        if len(factors) != len(steps) + 1:
+            raise ValueError(f"solver.step_factors must hold one LR multiplier per interval "
+                             f"(len(steps) + 1 = {len(steps) + 1} for steps {steps}), got "
+                             f"{factors}; set them with the steps, or null for powers of gamma")
         if steps:
             sched: ParamScheduler = MultiStepParamScheduler(
-                values=[gamma ** k for k in range(len(steps) + 1)], milestones=steps,
-                num_updates=max_iter)
+                values=factors, milestones=steps, num_updates=max_iter)
         else:
-            sched = ConstantParamScheduler(1.0)
+            sched = ConstantParamScheduler(factors[0])
     elif schedule == "cosine":
         sched = CosineParamScheduler(1.0, float(solver.get("cosine_end_factor", 0.0) or 0.0))
     else:

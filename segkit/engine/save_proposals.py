@@ -77,11 +77,12 @@ def save_dataset_proposals(model: Any, data_loader: Any, path: str,
 
 def run(checkpoint: str, output: str, overrides: Sequence[str] = (), split: str = "val",
         max_images: Optional[int] = None) -> str:
-    """Load ``checkpoint`` (a ``proposal_only`` model), propose on ``dataset.<split>`` and
-    save to ``output``."""
+    """Load ``checkpoint`` (a ``proposal_only`` model, or one whose meta-architecture class
+    sets ``makes_proposals = True``), propose on ``dataset.<split>`` and save to ``output``."""
     from omegaconf import open_dict
 
     from segkit.checkpoint import load_checkpoint, load_state_dict_report
+    from segkit.registry import META_ARCHS
 
     from .cli import checkpoint_config
     from .defaults import build_datasets, build_model, build_test_loader
@@ -89,9 +90,12 @@ def run(checkpoint: str, output: str, overrides: Sequence[str] = (), split: str 
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.get("meta") or {}
     cfg = checkpoint_config(meta, overrides, checkpoint)
-    if cfg.model.name != "proposal_only":
+    # proposal_only, or a project's proposal model that says so (deepmask.deepmask, ...)
+    if cfg.model.name != "proposal_only" and not getattr(
+            META_ARCHS.get(str(cfg.model.name)), "makes_proposals", False):
         raise ValueError(f"save_proposals needs a proposal_only model (e.g. experiment "
-                         f"rpn_r50_fpn_1x_coco); checkpoint '{checkpoint}' builds "
+                         f"rpn_r50_fpn_1x_coco) or a meta-architecture with makes_proposals "
+                         f"(deepmask.deepmask); checkpoint '{checkpoint}' builds "
                          f"model.name={cfg.model.name!r}")
     if split not in cfg.dataset:
         raise ValueError(f"no dataset.{split} in the config; splits: "

@@ -175,9 +175,14 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", "from segkit.engine.cli import train_main; "
                              "train_main()", *overrides], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed_out / "model_0000003.pth"
+    checkpoint, metrics = killed_out / "model_0000003.pth", killed_out / "metrics.json"
+
+    def logged_iteration_3():  # the writer logs an iteration after its checkpoint is saved
+        return metrics.exists() and '"iteration": 3' in metrics.read_text()
+
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (checkpoint.exists() and logged_iteration_3()) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"

@@ -59,6 +59,16 @@ def test_no_steps_is_constant_after_warmup():
     assert lrs[10] == lrs[99] == pytest.approx(0.1)
 
 
+def test_step_factors_give_each_interval_its_multiplier():
+    """DeepMask's 1e-3 -> 5e-4 -> 1e-4 (papers.md 2.3) is not a power of one gamma."""
+    lrs = _lrs_used({**BASE, "warmup_iters": 0, "step_factors": [1.0, 0.5, 0.1]}, base_lr=1e-3)
+    for it, lr in {0: 1e-3, 59: 1e-3, 60: 5e-4, 79: 5e-4, 80: 1e-4, 99: 1e-4}.items():
+        assert lrs[it] == pytest.approx(lr, rel=1e-9), it
+    lrs = _lrs_used({**BASE, "steps": [], "warmup_iters": 0, "step_factors": [0.5]})
+    assert lrs[0] == lrs[99] == pytest.approx(0.05)
+    assert _lrs_used({**BASE, "step_factors": None}) == _lrs_used(BASE)  # null: gamma powers
+
+
 def test_state_dict_is_plain_and_resumes_the_same_lr(tmp_path):
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.1)
@@ -80,6 +90,7 @@ def test_state_dict_is_plain_and_resumes_the_same_lr(tmp_path):
     ({"steps": [100]}, "solver.steps"),
     ({"schedule": "poly"}, "solver.schedule"),
     ({"warmup_iters": 100}, "solver.warmup_iters"),
+    ({"step_factors": [1.0, 0.5]}, "solver.step_factors"),
 ])
 def test_bad_config_names_the_key(bad, match):
     with pytest.raises(ValueError, match=match):

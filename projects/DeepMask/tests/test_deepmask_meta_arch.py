@@ -58,8 +58,13 @@ def test_mask_and_score_batches_give_the_papers_losses(small_deepmask):
 
 
 def test_eval_returns_mask_and_score_logits_per_sample(small_deepmask):
-    out = small_deepmask.eval()([{"image": torch.rand(3, 192, 192)}])
+    """Eval mode on the sampler's samples (with ``kind``) gives per-patch predictions; whole
+    images (core mapper inputs) get proposals (test_deepmask_inference.py)."""
+    batch = make_batch("mask", n=1)
+    out = small_deepmask.eval()(batch)
     assert tuple(out[0]["mask_logits"].shape) == (112, 112) and out[0]["score_logit"].dim() == 0
+    patch = small_deepmask.predict_patches([{"image": batch[0]["image"]}])
+    assert torch.equal(patch[0]["mask_logits"], out[0]["mask_logits"])
 
 
 def test_clear_errors_on_bad_batches(small_deepmask):
@@ -76,7 +81,7 @@ def test_clear_errors_on_bad_batches(small_deepmask):
     with pytest.raises(ValueError, match="must be -1 or \\+1"):
         model(zero_one)
     with pytest.raises(ValueError, match="kind"):
-        model([{"image": torch.rand(3, 192, 192)}])
+        model([{"image": torch.zeros(3, 192, 192, dtype=torch.uint8)}])
     no_label = make_batch("score")
     del no_label[1]["label"]
     with pytest.raises(ValueError, match="score sample 1 has no 'label'"):

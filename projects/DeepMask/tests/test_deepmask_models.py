@@ -41,9 +41,9 @@ def test_nips_deepmask_shapes_and_params():
     # papers.md 1.1: ~75M (51.4M low-rank + 1.6M + 12.8M score FC + ~9M trunk)
     assert 74e6 < _params(model) < 77e6
     assert 9.0e6 < _params(model.backbone) < 9.5e6
-    batch = [{"image": torch.rand(3, 224, 224)}]
+    batch = [{"image": torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8)}]
     with torch.no_grad():
-        patch = model.inference(batch)[0]
+        patch = model.predict_patches(batch)[0]
         dense = model.forward_dense(model.preprocess_image(batch).tensor)
     assert tuple(patch["mask_logits"].shape) == (224, 224)  # 56 x 56 up-sampled to the patch
     # the whole patch is one window: a 1 x 1 dense grid
@@ -117,7 +117,7 @@ def test_sharpmask_on_a_resnet18_trunk(upsample):
     assert [r.horizontal[0].in_channels for r in model.refinement.refinements] == [
         256, 128, 64, 64]
     model.eval()
-    out = model([{"image": torch.rand(3, 192, 192)}])
+    out = model.predict_patches([{"image": torch.rand(3, 192, 192) * 255}])
     assert tuple(out[0]["mask_logits"].shape) == (160, 160)
 
 
@@ -179,13 +179,13 @@ def test_nips_heads_dense_equal_patch_at_stride_16():
 def test_model_dense_equals_patch_at_the_central_window(deepmask_r50):
     """On a 192 input the dense grid is 3 x 3 and its centre is the patch (1 px crop)."""
     model = deepmask_r50.eval()
-    batch = [{"image": torch.rand(3, 192, 192)}]
+    batch = [{"image": torch.rand(3, 192, 192) * 255}]
     with torch.no_grad():
         images = model.preprocess_image(batch).tensor
         dense = model.forward_dense(images)
         window = model.window_features(images)
         vec = model.embed(window)
-        patch = model.inference(batch)
+        patch = model.predict_patches(batch)
     assert tuple(dense["scores"].shape) == (1, 3, 3)
     assert tuple(dense["masks"].shape) == (1, 56 * 56, 3, 3)
     scores = torch.stack([p["score_logit"] for p in patch])

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from segkit.data import load_coco_json
-from segkit_deepmask.data import PatchSampler, square, write_coco_dataset
+from segkit_deepmask.data import GREY, PatchSampler, square, write_coco_dataset
 
 NO_JITTER = {"max_shift": 0.0, "max_log2_scale": 0.0, "flip_prob": 0.0}
 OBJ = (200, 120, 30)  # object colour
-BG = 40 / 255
+BG = 40
 
 
 def _records(root, images):
@@ -39,16 +39,16 @@ def test_canonical_patch_by_hand(one_square):
     for seed in range(4):
         s = sampler.mask_sample(np.random.default_rng(seed))
         assert s["kind"] == "mask" and s["image"].shape == (3, 192, 192)
-        assert s["image"].dtype == torch.float32 and s["mask"].shape == (160, 160)
+        assert s["image"].dtype == torch.uint8 and s["mask"].shape == (160, 160)
         assert set(s["mask"].unique().tolist()) == {-1.0, 1.0}
         assert s["window"].tolist() == [110.0, 110.0, 190.0, 190.0]  # 160 * 0.5 around 150
         assert s["crop"].tolist() == [102.0, 102.0, 198.0, 198.0]
         assert _mask_box(s["mask"]) == (34, 34, 125, 125)
         assert int((s["mask"] > 0).sum()) == 92 * 92
-        red = s["image"][0]
-        lit = torch.nonzero(red[96] > (OBJ[0] / 255 + BG) / 2).flatten()
+        red = s["image"][0].float()
+        lit = torch.nonzero(red[96] > (OBJ[0] + BG) / 2).flatten()
         assert (int(lit.min()), int(lit.max())) == (50, 141)
-        assert abs(float(red[10, 10]) - BG) < 1e-6 and s["ann_id"] in (1, 2)
+        assert int(red[10, 10]) == BG and s["ann_id"] in (1, 2)
 
 
 def test_default_geometry_and_nips_preset(one_square):
@@ -79,8 +79,8 @@ def test_jitter_stays_within_bounds(one_square):
         side = 92 * 0.5 / f
         dx, dy = (-v for v in shifts[-1])
         dx = -dx if s["flipped"] else dx
-        red = s["image"][0, 16:176, 16:176]
-        for y0, x0, y1, x1 in (_mask_box(s["mask"]), _mask_box(red, (OBJ[0] / 255 + BG) / 2)):
+        red = s["image"][0, 16:176, 16:176].float()
+        for y0, x0, y1, x1 in (_mask_box(s["mask"]), _mask_box(red, (OBJ[0] + BG) / 2)):
             assert abs((x0 + x1 + 1) / 2 - (80 + dx)) <= 1
             assert abs((y0 + y1 + 1) / 2 - (80 + dy)) <= 1
             assert abs((x1 - x0 + 1) - side) <= 1.5 and abs((y1 - y0 + 1) - side) <= 1.5
@@ -107,8 +107,8 @@ def test_image_smaller_than_window_is_padded_grey(tmp_path):
     s = PatchSampler(records, **NO_JITTER).mask_sample(np.random.default_rng(0))
     # f = 16 / 92: the 192 patch spans 33 image px > 30, so rows at the top/bottom are grey
     img = s["image"]
-    assert torch.all(img[:, 0] == 0.5) and torch.all(img[:, -1] == 0.5)
-    assert abs(float(img[0, 96, 96]) - OBJ[0] / 255) < 1e-6
+    assert torch.all(img[:, 0] == GREY) and torch.all(img[:, -1] == GREY)
+    assert int(img[0, 96, 96]) == OBJ[0]
     assert int((s["mask"] > 0).sum()) > 60 * 60
 
 
@@ -128,7 +128,7 @@ def test_border_object_label_cut_at_image_border(tmp_path):
         assert torch.all(s["mask"][:, :border] == -1)  # outside the image: background
         assert torch.all(s["mask"][80, border:border + 10] == 1)
         crop_left = int(round((0 - float(s["crop"][0])) / f))
-        assert torch.all(s["image"][:, :, :crop_left - 1] == 0.5)  # grey padding
+        assert torch.all(s["image"][:, :, :crop_left - 1] == GREY)  # grey padding
 
 
 def test_images_without_objects_give_no_mask_sample(one_square):
@@ -143,3 +143,13 @@ def test_polygon_and_rle_labels_agree(one_square):
     rle = PatchSampler([one_square[1]]).mask_sample(np.random.default_rng(5))
     assert torch.equal(poly["window"], rle["window"]) and torch.equal(poly["image"], rle["image"])
     assert int((poly["mask"] != rle["mask"]).sum()) <= 2 * 112  # at most the boundary cells
+
+
+def test_patches_are_uint8_0_255_like_the_core_images(one_square):
+    """One pixel convention with the core mapper: uint8 RGB 0-255, grey fill 128 (the
+    released 0.5 grey); a fill in the old [0, 1] scale is refused."""
+    s = PatchSampler(one_square, fill=100, **NO_JITTER).mask_sample(np.random.default_rng(0))
+    assert s["image"].dtype == torch.uint8 and int(s["image"].max()) == OBJ[0]
+    assert PatchSampler(one_square).fill == GREY == 128
+    with pytest.raises(ValueError, match="'fill' must be an integer grey level"):
+        PatchSampler(one_square, fill=0.5)

@@ -11,22 +11,30 @@ kind comes from a generator seeded with ``(seed, KIND_STREAM, i)`` and the sampl
 ``B = batch_size * world_size``, rank ``r`` taking ``i * B + r + world_size * k``: the union of
 the shards is the batch of one process with batch size ``B``, and ``start_iter`` resumes the
 same stream without drawing the skipped batches.
+
+:func:`build_train_patch_loader` is the same loader built from a composed config and
+registered as the core trainer's ``dataloader.name=deepmask.patches``
+(``segkit.registry.TRAIN_LOADERS``), so ``segkit-train experiment=deepmask_r50_coco`` trains
+on patches through the core :class:`segkit.engine.Trainer`.
 """
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segkit.data import trivial_batch_collator, worker_init_fn
+from segkit.registry import TRAIN_LOADERS
 
 from .sampler import PatchSampler
 
-__all__ = ["PatchBatchSampler", "PatchDataset", "build_patch_loader", "KIND_STREAM"]
+__all__ = ["PatchBatchSampler", "PatchDataset", "build_patch_loader", "build_train_patch_loader",
+           "check_recipe", "KIND_STREAM"]
 
 PatchKey = Tuple[str, Tuple[int, int]]  # (sample kind, (seed, position in the whole stream))
 KIND_STREAM = 0x6B696E64  # third seed word of the per-batch kind draws ("kind")
@@ -114,3 +122,92 @@ def build_patch_loader(sampler: PatchSampler, batch_size: int = 32, hfreq: float
                       collate_fn=trivial_batch_collator,
                       worker_init_fn=functools.partial(worker_init_fn, seed=seed, rank=rank),
                       generator=torch.Generator().manual_seed(seed))
+
+
+# -- config entry point of the core trainer ---------------------------------------------------
+
+# the model keys that the patches must match, and the sampler geometry that gives each
+_MODEL_GEOMETRY = (("input_size", "input_size"), ("window_size", "window"),
+                   ("label_size", "label_size"))
+
+
+@TRAIN_LOADERS.register("patches", scope="deepmask")
+def build_train_patch_loader(cfg: DictConfig, records: List[dict], *, batch_size: int,
+                             rank: int = 0, world_size: int = 1, start_iter: int = 0
+                             ) -> DataLoader:
+    """The training loader of ``dataloader.name=deepmask.patches`` (called by the core's
+    ``segkit.engine.defaults.build_train_loader``, which passes this process's share of
+    ``dataloader.batch_size`` and its rank).
+
+    Keys read: ``dataloader.preset`` (geometry of :data:`PRESETS`: ``deepmask``,
+    ``sharpmask``, ``deepmask_nips``), ``dataloader.sampler`` (further :class:`PatchSampler`
+    arguments on top of the preset: ``window``, ``context``, ``label_size``, ``max_shift``...),
+    ``dataloader.score_rule`` and ``dataloader.object_sampling`` (paper or released code,
+    papers.md 10.2), ``dataloader.hfreq``, ``dataloader.num_workers``, ``train.seed``; and,
+    for :func:`check_recipe`, ``model.*`` and ``train.init_weights``.
+
+    Args:
+        cfg: the composed config.
+        records: the training split's dataset records (COCO-style, with masks).
+        batch_size: patches per iteration of this process.
+        rank, world_size: this process's shard of every batch.
+        start_iter: first batch (a resumed run continues the same stream).
+
+    Returns:
+        The infinite loader of :func:`build_patch_loader`.
+
+    Raises:
+        ValueError: an inconsistent recipe (:func:`check_recipe`) or unusable records.
+    """
+    dl = cfg.dataloader
+    extra = dl.get("sampler")
+    overrides: Dict[str, Any] = ({} if extra is None else
+                                 dict(OmegaConf.to_container(extra, resolve=True)))
+    for key in ("score_rule", "object_sampling"):
+        if dl.get(key) is not None:
+            overrides.setdefault(key, str(dl[key]))
+    overrides.setdefault("dataset_name",
+                         str(OmegaConf.select(cfg, "dataset.train.name", default="dataset")))
+    sampler = PatchSampler.from_preset(str(dl.preset), records, **overrides)
+    check_recipe(cfg, sampler, start_iter)
+    return build_patch_loader(sampler, batch_size=batch_size, hfreq=float(dl.hfreq),
+                              seed=int(cfg.train.seed), num_workers=int(dl.num_workers),
+                              rank=rank, world_size=world_size, start_iter=start_iter)
+
+
+def check_recipe(cfg: DictConfig, sampler: PatchSampler, start_iter: int = 0) -> None:
+    """Fail before the first batch when the data, the model and the stage disagree.
+
+    * The patches must have the model's sizes (``model.input_size``, ``window_size``,
+      ``label_size``); the model would reject the first batch otherwise.
+    * SharpMask's second stage (``model.train_refinement_only``, papers.md 3.3) trains the
+      refinement on top of a trained, frozen DeepMask: it samples mask batches only
+      (``hfreq = 0``) and, in a new run, needs the stage-1 weights in ``train.init_weights``.
+
+    Raises:
+        ValueError: naming the keys to set.
+    """
+    model: Mapping[str, Any] = cfg.get("model") or {}
+    geometry = sampler.geometry
+    for model_key, sampler_key in _MODEL_GEOMETRY:
+        expected, got = model.get(model_key), getattr(geometry, sampler_key)
+        if expected is not None and int(expected) != int(got):
+            raise ValueError(
+                f"dataloader: the patches have {sampler_key} {got} (preset "
+                f"'{cfg.dataloader.preset}') but model.{model_key} is {expected}; pick the "
+                f"model's preset (dataloader.preset=deepmask | sharpmask | deepmask_nips) or set "
+                f"+dataloader.sampler.{sampler_key}={expected}")
+    if not model.get("train_refinement_only"):
+        return
+    if float(cfg.dataloader.hfreq) > 0:
+        raise ValueError(
+            f"dataloader.hfreq={cfg.dataloader.hfreq}, but model.train_refinement_only freezes "
+            f"the score head: SharpMask's second stage trains on mask batches only "
+            f"(papers.md 3.3); set dataloader.hfreq=0")
+    if start_iter == 0 and not cfg.train.get("init_weights"):
+        raise ValueError(
+            "SharpMask's second stage (model.train_refinement_only=true, papers.md 3.3) trains "
+            "only the refinement on a trained DeepMask whose trunk and heads stay frozen, so "
+            "it must start from a stage-1 checkpoint: pass train.init_weights=<stage-1 run "
+            "folder>/model_final.pth (e.g. of experiment=deepmask_r50_coco), or train end to "
+            "end with model.train_refinement_only=false")

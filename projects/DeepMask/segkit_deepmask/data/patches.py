@@ -23,9 +23,12 @@ from torch import Tensor
 
 from segkit.structures import BitMasks, PolygonMasks, rle_to_bitmask
 
-__all__ = ["PatchGeometry", "crop_patch", "mask_label", "square_box"]
+__all__ = ["GREY", "PatchGeometry", "crop_patch", "mask_label", "square_box"]
 
 Box = Tuple[float, float, float, float]
+# Out-of-image pixels: the released code's 0.5 grey (papers.md 2.2) in the 0-255 scale of the
+# core's images; uint8 cannot hold 127.5, so 128 (half a grey level above it).
+GREY = 128
 
 
 def square_box(cx: float, cy: float, side: float) -> Box:
@@ -79,12 +82,14 @@ class PatchGeometry:
         return square_box(cx, cy, self.window * f)
 
 
-def crop_patch(image: np.ndarray, box: Sequence[float], size: int, fill: float = 0.5,
+def crop_patch(image: np.ndarray, box: Sequence[float], size: int, fill: int = GREY,
                flip: bool = False) -> Tensor:
     """Crop a square region of an image, resample it to ``size`` x ``size``, pad with ``fill``.
 
     Only the part of ``box`` inside the image is resampled (PIL bilinear, antialiased when
     shrinking); the rest is ``fill``, the 0.5 grey of papers.md 2.2 for out-of-image pixels.
+    The patch stays uint8 RGB 0-255 like the core mapper's images, so patches and full images
+    go through one normalisation in the model (``pixel_mean``/``pixel_std`` in 0-255 units).
     Where the image edge falls inside an output pixel it is rounded to the nearest output
     pixel edge, so the image part may shift by up to half an output pixel at the border.
 
@@ -92,17 +97,18 @@ def crop_patch(image: np.ndarray, box: Sequence[float], size: int, fill: float =
         image: (H, W, 3) uint8 RGB.
         box: XYXY square region in image pixels (may extend beyond the image).
         size: output side S.
-        fill: value of out-of-image pixels, in [0, 1].
+        fill: value of out-of-image pixels, 0-255 (default 128: the released 0.5 grey, as
+            close as uint8 gets to 127.5).
         flip: mirror the patch horizontally.
 
     Returns:
-        (3, S, S) float32 RGB in [0, 1].
+        (3, S, S) uint8 RGB 0-255.
     """
     # numpy throughout: small torch ops pay for intra-op threads on a busy loader process
     h, w = image.shape[:2]
     x0, y0, x1, y1 = (float(v) for v in box)
     k = size / (x1 - x0)  # output pixels per image pixel
-    out = np.full((3, size, size), fill, dtype=np.float32)
+    out = np.full((3, size, size), fill, dtype=np.uint8)
     # output pixel range covered by the image, then the exact image range of those pixels
     dx0, dx1 = (int(np.clip(round((v - x0) * k), 0, size)) for v in (0.0, float(w)))
     dy0, dy1 = (int(np.clip(round((v - y0) * k), 0, size)) for v in (0.0, float(h)))
@@ -110,7 +116,7 @@ def crop_patch(image: np.ndarray, box: Sequence[float], size: int, fill: float =
         src = (max(x0 + dx0 / k, 0.0), max(y0 + dy0 / k, 0.0),
                min(x0 + dx1 / k, float(w)), min(y0 + dy1 / k, float(h)))
         part = Image.fromarray(image).resize((dx1 - dx0, dy1 - dy0), Image.BILINEAR, box=src)
-        out[:, dy0:dy1, dx0:dx1] = np.asarray(part, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        out[:, dy0:dy1, dx0:dx1] = np.asarray(part, dtype=np.uint8).transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(out[:, :, ::-1]) if flip else out)
 
 

@@ -26,7 +26,7 @@ from segkit.data import get_dataset, read_image
 from segkit.data.build import _SerializedList  # records kept out of Python objects for workers
 
 from .objects import ObjectTable
-from .patches import PatchGeometry, crop_patch, mask_label
+from .patches import GREY, PatchGeometry, crop_patch, mask_label
 
 __all__ = ["PatchSampler", "PRESETS"]
 
@@ -59,7 +59,7 @@ class PatchSampler:
         neg_log2_scale_range: log2 image scale (patch pixels per image pixel) of negative
             candidates, inclusive; the released rule uses its quarter-octave grid.
         min_area, min_side: objects smaller than this are never sampled (100 px^2, 5 px).
-        fill: value of out-of-image input pixels (0.5 grey).
+        fill: value of out-of-image input pixels, 0-255 (128: the released 0.5 grey).
         score_only: allow datasets without masks; only score samples can be drawn.
         dataset_name: named in error messages.
         max_tries: negative candidates drawn before giving up.
@@ -75,7 +75,7 @@ class PatchSampler:
                  score_rule: str = "paper", pos_fraction: float = 0.5,
                  neg_min_shift: float = 32.0, neg_min_log2_scale: float = 1.0,
                  neg_log2_scale_range: Tuple[float, float] = (-3.0, 2.0),
-                 min_area: float = 100.0, min_side: float = 5.0, fill: float = 0.5,
+                 min_area: float = 100.0, min_side: float = 5.0, fill: int = GREY,
                  score_only: bool = False, dataset_name: str = "dataset", max_tries: int = 1000):
         _check_choice("object_sampling", object_sampling, ("instance", "category"))
         _check_choice("score_rule", score_rule, ("paper", "released"))
@@ -86,12 +86,15 @@ class PatchSampler:
                 ("max_shift", max_shift, max_shift >= 0, ">= 0"),
                 ("max_log2_scale", max_log2_scale, max_log2_scale >= 0, ">= 0"),
                 ("neg_log2_scale_range", neg_log2_scale_range, lo <= hi, "(low, high)"),
-                ("max_tries", max_tries, max_tries > 0, "> 0")):
+                ("max_tries", max_tries, max_tries > 0, "> 0"),
+                ("fill", fill, float(fill).is_integer() and 0 <= fill <= 255,
+                 "an integer grey level in 0..255 (the patches are uint8 0-255)")):
             if not ok:
                 raise ValueError(f"PatchSampler: '{key}' must be {expected}, got {value!r}")
         self.geometry = PatchGeometry(window, context, label_size, canonical_size)
         self.max_shift, self.max_log2_scale = float(max_shift), float(max_log2_scale)
-        self.flip_prob, self.pos_fraction, self.fill = float(flip_prob), float(pos_fraction), fill
+        self.flip_prob, self.pos_fraction = float(flip_prob), float(pos_fraction)
+        self.fill = int(fill)
         self.by_category, self.score_rule = object_sampling == "category", score_rule
         self.neg_min_shift, self.neg_min_log2_scale = float(neg_min_shift), neg_min_log2_scale
         self.neg_log2_scale_range = tuple(float(v) for v in neg_log2_scale_range)
@@ -153,7 +156,7 @@ class PatchSampler:
         """A jittered, possibly flipped, object-centred patch and its mask label.
 
         Returns:
-            ``{"kind": "mask", "image": (3, S, S) float32 RGB in [0, 1], "mask": (g, g)
+            ``{"kind": "mask", "image": (3, S, S) uint8 RGB 0-255, "mask": (g, g)
             float32 in {-1, +1}, "image_id", "file_name", "ann_id": int, "window": (4,)
             float32 XYXY window in image pixels, "crop": (4,) float32 XYXY input region,
             "flipped": bool}``. The boxes describe the unflipped image.

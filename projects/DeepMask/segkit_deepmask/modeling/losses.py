@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.registry import LOSSES
+from segkit.utils.comm import get_world_size
 
 __all__ = ["PatchLogisticLoss"]
 
@@ -22,7 +23,8 @@ class PatchLogisticLoss(nn.Module):
 
     Args:
         weight: factor on the loss (1 for masks, lambda = 1/32 for scores).
-        reduction: over the batch: "sum" (paper), "mean" (the released code's
+        reduction: over the batch: "sum" (paper; the batch of all processes of a distributed
+            run), "mean" (the released code's
             ``SoftMarginCriterion`` before its gradient scaling) or "none" (per patch).
 
     Forward:
@@ -46,7 +48,10 @@ class PatchLogisticLoss(nn.Module):
         if per_patch.dim() > 1:
             per_patch = per_patch.flatten(1).mean(1)
         if self.reduction == "sum":
-            per_patch = per_patch.sum()
+            # The sum is over the whole batch: DistributedDataParallel averages the processes'
+            # gradients, so each process's partial sum counts world_size times (the logged
+            # loss, averaged over the processes too, is then the whole batch's sum).
+            per_patch = per_patch.sum() * get_world_size()
         elif self.reduction == "mean":
             per_patch = per_patch.mean()
         return self.weight * per_patch

@@ -10,13 +10,17 @@ One class serves both papers, because SharpMask is DeepMask-ours plus a top-down
 
 Sample contract (the patch sampler, ``segkit_deepmask.data``): a batch is a list of dicts, all
 of one ``kind``, "mask" or "score" (papers.md 1.3 and 2.2: training alternates between
-batches of the two kinds). Each has ``image`` (3, S, S) float RGB in [0, 1] with
-S = ``input_size``; mask samples add ``mask`` (g, g) in {-1, +1} with g = ``label_size``;
-score samples add ``label``, a scalar -1 / +1. Other keys are ignored.
+batches of the two kinds). Each has ``image`` (3, S, S) RGB 0-255 (uint8, as the core mapper's
+images) with S = ``input_size``; mask samples add ``mask`` (g, g) in {-1, +1} with
+g = ``label_size``; score samples add ``label``, a scalar -1 / +1. Other keys are ignored.
+
+Eval mode serves two kinds of input: the sampler's samples (they carry ``kind``) get per-patch
+predictions (:meth:`DeepMask.predict_patches`); the core test mapper's inputs (whole images)
+get segment proposals at the original resolution (:meth:`DeepMask.inference`,
+``segkit_deepmask.modeling.inference``).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -24,57 +28,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.modeling.meta_arch.base import ImageDetector
-from segkit.registry import BACKBONES, HEADS, LOSSES, META_ARCHS, Child
+from segkit.registry import META_ARCHS
 
 from ..layers import crop_border
 from .batch import batch_kind, check_image_sizes, stack_labels
+from .inference import full_image_inference
+from .inference_settings import InferenceSettings
 from .losses import PatchLogisticLoss
+from .wiring import DEFAULT_IN_FEATURE, DEFAULT_WINDOW, meta_arch_children
 
 __all__ = ["DeepMask", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-# ImageNet statistics in the [0, 1] scale of the sampler's patches (papers.md 2.2).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet statistics (papers.md 2.2: 0.485, ... on [0, 1] pixels) in the 0-255 scale of the
+# core's images and of the sampler's patches.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-def _head_inputs(built: dict, kwargs: dict, runtime: dict) -> dict:
-    """Build-time arguments of the heads, from the trunk and the shared head built before
-    them: a head takes those of these names that its constructor accepts.
-
-    ``in_channels`` and ``feature_size`` describe the window's feature map (channels of
-    ``in_feature``, side = window / stride: 10 for a 160 window at stride 16), ``in_dim`` the
-    shared vector, ``input_shape`` every trunk feature (for the refinement's skips). So the
-    heads follow the trunk: a ResNet-18 trunk gives head C 256 input channels.
-    """
-    defaults = inspect.signature(DeepMask.__init__).parameters
-    in_feature = kwargs.get("in_feature", defaults["in_feature"].default)
-    window = kwargs.get("window_size", defaults["window_size"].default)
-    shapes = built["backbone"].output_shape()
-    if in_feature not in shapes:
-        raise ValueError(f"deepmask: in_feature '{in_feature}' is not a trunk feature; the "
-                         f"trunk returns {sorted(shapes)}")
-    spec = shapes[in_feature]
-    if window % spec.stride:
-        raise ValueError(f"deepmask: window_size {window} is not a multiple of the stride "
-                         f"{spec.stride} of '{in_feature}'")
-    out = {"input_shape": shapes, "in_channels": spec.channels,
-           "feature_size": window // spec.stride}
-    if built.get("shared_head") is not None:
-        out["in_dim"] = built["shared_head"].out_dim
-    return out
-
-
-def _children(refinement_optional: bool) -> dict:
-    head = Child(HEADS, runtime=_head_inputs)
-    return {"backbone": Child(BACKBONES),
-            "shared_head": Child(HEADS, runtime=_head_inputs, optional=True),
-            "mask_head": head, "score_head": head,
-            "refinement": Child(HEADS, runtime=_head_inputs, optional=refinement_optional),
-            "mask_loss": Child(LOSSES), "score_loss": Child(LOSSES)}
-
-
-@META_ARCHS.register("sharpmask", scope="deepmask", children=_children(False))
-@META_ARCHS.register("deepmask", scope="deepmask", children=_children(True))
+@META_ARCHS.register("sharpmask", scope="deepmask", children=meta_arch_children(False))
+@META_ARCHS.register("deepmask", scope="deepmask", children=meta_arch_children(True))
 class DeepMask(ImageDetector):
     """Class-agnostic segment proposals: a mask and an objectness score per window.
 
@@ -103,22 +75,33 @@ class DeepMask(ImageDetector):
         train_refinement_only: SharpMask's second stage (papers.md 3.3): trunk, shared head,
             mask head and score head get ``requires_grad=False`` and stay in eval mode (norms
             and dropout), so only the refinement trains, on mask batches only.
-        pixel_mean, pixel_std: per-channel statistics in the [0, 1] scale of the patches
+        pixel_mean, pixel_std: per-channel statistics in the 0-255 scale of the images
             (ImageNet's, papers.md 2.2); ``input_format``: "RGB" or "BGR" weights.
+        inference: full-image inference options, a mapping of
+            :class:`~segkit_deepmask.modeling.InferenceSettings` fields (scales, zoom,
+            ``max_proposals``, ``mask_threshold``, NMS); None: the paper's defaults.
     """
 
     arch = "deepmask"
+    # eval outputs are proposals (pred_boxes, scores): python -m segkit.engine.save_proposals
+    # accepts its checkpoints
+    makes_proposals = True
+    # and they carry masks: the engine's evaluation scores "segm" (mask AR) too
+    predicts_masks = True
 
     def __init__(self, backbone: nn.Module, mask_head: nn.Module, score_head: nn.Module,
                  shared_head: Optional[nn.Module] = None,
                  refinement: Optional[nn.Module] = None,
                  mask_loss: Optional[nn.Module] = None, score_loss: Optional[nn.Module] = None,
-                 in_feature: str = "res4", input_size: int = 192, window_size: int = 160,
+                 in_feature: str = DEFAULT_IN_FEATURE, input_size: int = 192,
+                 window_size: int = DEFAULT_WINDOW,
                  label_size: int = 112, align_corners: bool = False,
                  train_refinement_only: bool = False,
                  pixel_mean: Sequence[float] = IMAGENET_MEAN,
-                 pixel_std: Sequence[float] = IMAGENET_STD, input_format: str = "RGB"):
+                 pixel_std: Sequence[float] = IMAGENET_STD, input_format: str = "RGB",
+                 inference: Optional[Mapping[str, Any]] = None):
         super().__init__(backbone, pixel_mean, pixel_std, input_format)
+        self.inference_settings = InferenceSettings.from_node(inference)
         self.shared_head, self.mask_head, self.score_head = shared_head, mask_head, score_head
         self.refinement = refinement
         self.mask_loss = mask_loss if mask_loss is not None else PatchLogisticLoss()
@@ -209,17 +192,21 @@ class DeepMask(ImageDetector):
                              mode="bilinear", align_corners=self.align_corners).squeeze(1)
 
     def forward(self, batch: Sequence[Mapping[str, Any]]):
-        """Training: the loss of one batch. Eval: :meth:`inference`.
+        """Training: the loss of one batch. Eval: :meth:`predict_patches` for the sampler's
+        samples (every one has ``kind``), else :meth:`inference` on whole images.
 
         Args:
-            batch: sample dicts, all of one ``kind`` (module docstring).
+            batch: training: sample dicts, all of one ``kind`` (module docstring); eval: those,
+                or core model inputs (``image``, ``height``, ``width``, ...).
 
         Returns:
             Training: ``{"loss_mask": scalar}`` for a mask batch, ``{"loss_score": scalar}``
             for a score batch (only the branch that the batch trains runs).
-            Eval: see :meth:`inference`.
+            Eval: see :meth:`predict_patches` and :meth:`inference`.
         """
         if not self.training:
+            if batch and all(isinstance(s, Mapping) and "kind" in s for s in batch):
+                return self.predict_patches(batch)
             return self.inference(batch)
         kind = batch_kind(batch, self.arch)
         if kind == "score" and self.train_refinement_only:
@@ -240,8 +227,26 @@ class DeepMask(ImageDetector):
         check_image_sizes(batch, self.input_size, self.window_size, self.arch)
         return self.preprocess_image(batch).tensor
 
+    def inference(self, batched_inputs: Sequence[Mapping[str, Any]]
+                  ) -> List[Dict[str, Any]]:
+        """Segment proposals of whole images (papers.md 1.5, 2.4, 3.4), eval mode.
+
+        Args:
+            batched_inputs: core model inputs: ``image`` (3, h, w) 0-255 RGB, resized or not,
+                ``height``/``width`` the original size (default: the image's).
+
+        Returns:
+            Per image ``{"instances": Instances}`` at (height, width), the best
+            ``inference.max_proposals`` windows by score: ``pred_boxes`` (P, 4) XYXY (tight
+            boxes of the masks), ``scores`` (P,) sigmoid scores, ``pred_classes`` all 0,
+            ``pred_masks`` (P, height, width) bool, ``score_logits``, ``window_boxes`` (P, 4)
+            XYXY and ``log2_scales`` (see :func:`~segkit_deepmask.modeling.inference.
+            predict_image`).
+        """
+        return [{"instances": r} for r in full_image_inference(self, batched_inputs)]
+
     @torch.no_grad()
-    def inference(self, batch: Sequence[Mapping[str, Any]]) -> List[Dict[str, Tensor]]:
+    def predict_patches(self, batch: Sequence[Mapping[str, Any]]) -> List[Dict[str, Tensor]]:
         """Predict every patch of ``batch`` (``kind`` and labels are not needed).
 
         Returns:
@@ -259,16 +264,20 @@ class DeepMask(ImageDetector):
         return out
 
     # ------------------------------------------------------------------ dense forward
-    def forward_dense(self, images: Tensor) -> Dict[str, Any]:
+    def forward_dense(self, images: Tensor, masks: bool = True,
+                      skips: bool = True) -> Dict[str, Any]:
         """Fully convolutional outputs over whole images (papers.md 1.5, 2.4, 3.4).
 
         Nothing is cropped: output position (i, j) is the window whose feature map starts at
-        (i, j) of the trunk's ``in_feature`` map, i.e. the patch of side S starting at pixel
-        (16 i, 16 j) minus its context. On a 192 x 192 input, position (1, 1) is exactly the
-        patch forward of that input.
+        (i, j) of the trunk's ``in_feature`` map, i.e. the window of side W at pixels
+        [16 i, 16 i + W) x [16 j, 16 j + W) (its patch, with context, starts 16 px earlier).
+        On a 192 x 192 input, position (1, 1) is exactly the patch forward of that input.
 
         Args:
             images: (N, 3, H, W) normalised images (:meth:`preprocess_image`).
+            masks: compute the dense ``masks`` (full-image inference needs them only without
+                a shared head: with one, the mask head runs on the best windows' vectors).
+            skips: compute the refinement's ``skips`` (when there is a refinement).
 
         Returns:
             ``features``: the trunk's {name: map}; ``scores``: (N, h, w) logits;
@@ -282,8 +291,9 @@ class DeepMask(ImageDetector):
         x = features[self.in_feature]
         emb = x if self.shared_head is None else self.shared_head.forward_dense(x)
         out = {"features": features, "embeddings": emb,
-               "scores": self.score_head.forward_dense(emb),
-               "masks": self.mask_head.forward_dense(emb)}
-        if self.refinement is not None:
+               "scores": self.score_head.forward_dense(emb)}
+        if masks:
+            out["masks"] = self.mask_head.forward_dense(emb)
+        if skips and self.refinement is not None:
             out["skips"] = self.refinement.horizontal(features)
         return out
