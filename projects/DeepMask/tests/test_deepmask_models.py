@@ -214,3 +214,27 @@ def test_refinement_skips_dense_equal_patch_inside_the_window():
         assert torch.allclose(crops[-1][..., 3:-3, 3:-3], p[..., 3:-3, 3:-3], atol=1e-5)
     vec = torch.randn(1, 6)
     assert tuple(ref.decode(vec, crops).shape) == (1, 1, 32, 32)
+
+
+def test_resnet_trunk_loads_core_backbone_checkpoints():
+    """A core FPN backbone's ResNet (``backbone.bottom_up.*``: the zoo's converted ImageNet
+    ResNet-50, a Mask R-CNN checkpoint) initialises the trunk (``backbone.resnet.*``); the
+    stage the trunk does not build is reported as unexpected."""
+    from segkit.checkpoint import load_state_dict_report
+    from segkit.config import compose
+    from segkit.engine.defaults import build_model
+
+    core = build_model(compose(["dataset.num_classes=2", "train.device=cpu",
+                                "model.backbone.bottom_up.depth=18",
+                                "model.backbone.bottom_up.base_channels=64"]))
+    state = {k: v for k, v in core.state_dict().items() if k.startswith("backbone.bottom_up.")}
+    model = build("model=deepmask", "model/backbone=deepmask_resnet18")
+    report = load_state_dict_report(model, state, source="core")
+    loaded = model.state_dict()
+    for key, value in state.items():
+        name = "backbone.resnet." + key[len("backbone.bottom_up."):]
+        if name in loaded:
+            assert torch.equal(loaded[name], value), name
+    assert any(k.startswith("backbone.resnet.res5.") for k in report.unexpected)
+    assert not [k for k in report.missing if k.startswith("backbone.")]
+    assert not report.shape_mismatch

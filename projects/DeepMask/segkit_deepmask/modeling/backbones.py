@@ -85,6 +85,18 @@ class VGGTrunk(nn.Module):
         return out
 
 
+def _core_resnet_names(state_dict, prefix, *args) -> None:
+    """Accept the core FPN backbone's name for the same ResNet (``<prefix>bottom_up.``, e.g.
+    the model zoo's converted ImageNet ResNet-50 or a Mask R-CNN checkpoint) as this trunk's
+    ``<prefix>resnet.``, so those files initialise the trunk (``train.init_weights``); stages
+    the trunk does not build (res5) stay unexpected keys in the load report."""
+    core = prefix + "bottom_up."
+    if any(k.startswith(prefix + "resnet.") for k in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(core)]:
+        state_dict[prefix + "resnet." + key[len(core):]] = state_dict.pop(key)
+
+
 @BACKBONES.register("resnet_trunk", scope="deepmask", children={"resnet": BACKBONES})
 class ResNetTrunk(nn.Module):
     """The DeepMask-ours trunk: a core ResNet cut after its last built stage, mirror-padded,
@@ -117,6 +129,7 @@ class ResNetTrunk(nn.Module):
         # released code's module 3, the input of SharpMask's last refinement, papers.md 3.2)
         self._shapes = {"conv1": ShapeSpec(channels=resnet.stem.out_channels, stride=2),
                         **resnet.output_shape()}
+        self._register_load_state_dict_pre_hook(_core_resnet_names)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """Channels and stride of every returned feature."""
