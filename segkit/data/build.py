@@ -22,13 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from segkit.data.samplers import (GroupedBatchSampler, InferenceSampler, TrainingSampler,
                                   aspect_ratio_group_ids)
 
-__all__ = ["build_train_loader", "build_test_loader", "MapDataset", "filter_empty_records",
+__all__ = ["build_train_loader", "build_test_loader", "MapDataset", "SerializedList",
+           "filter_empty_records",
            "trivial_batch_collator", "worker_init_fn"]
 
 logger = logging.getLogger(__name__)
 
 
-class _SerializedList:
+class SerializedList:
     """Records pickled into one flat uint8 tensor.
 
     Loader workers read records from it without copying the record list: forked workers touching
@@ -79,7 +80,7 @@ class MapDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[dict], mapper: Callable[..., Dict[str, Any]]):
-        self._records = _SerializedList(records)
+        self._records = SerializedList(records)
         self.mapper = mapper
         try:
             self._takes_rng = "rng" in inspect.signature(mapper).parameters

@@ -194,3 +194,13 @@ def test_dataset_catalog_is_lazy_and_cached():
     assert MetadataCatalog.get("meta_test") == {"thing_classes": ["a"], "name": "meta_test"}
     with pytest.raises(KeyError, match="no metadata for dataset 'nothing'"):
         MetadataCatalog.get("nothing")
+
+
+def test_serialized_list_round_trip():
+    """The records' compact store (also used by projects' samplers) gives every item back."""
+    from segkit.data import SerializedList
+
+    items = [{"file_name": "a.png", "ann": [1, 2]}, None, "x" * 1000, {}]
+    stored = SerializedList(items)
+    assert len(stored) == 4 and [stored[i] for i in range(4)] == items
+    assert len(SerializedList([])) == 0

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from segkit.data import get_dataset, read_image
-from segkit.data.build import _SerializedList  # records kept out of Python objects for workers
+from segkit.data import SerializedList  # records kept out of Python objects for workers
 
 from .objects import ObjectTable
 from .patches import GREY, PatchGeometry, crop_patch, mask_label
@@ -110,12 +110,12 @@ class PatchSampler:
                 f"needs a non-crowd object with area >= {min_area:g} and both bbox sides >= "
                 f"{min_side:g} px")
         self.sizes = np.asarray([(r["height"], r["width"]) for r in records], dtype=np.int64)
-        self._images = _SerializedList([(r["file_name"], r.get("image_id")) for r in records])
+        self._images = SerializedList([(r["file_name"], r.get("image_id")) for r in records])
         if not self.score_only:
             self._check_masks(records)
         segs = [None if self.score_only else a.get("segmentation")
                 for r in records for a in r.get("annotations", [])]
-        self._segmentations = _SerializedList(segs)
+        self._segmentations = SerializedList(segs)
 
     @classmethod
     def from_preset(cls, preset: str, records, **overrides) -> "PatchSampler":
