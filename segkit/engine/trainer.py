@@ -138,9 +138,9 @@ class SimpleTrainer(TrainerBase):
         self._data_iter: Optional[Any] = None  # created on first use: no workers start early
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
-        self.amp = amp
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._device_type = device.type
+        # None: no autocast (amp off)
         self.amp_dtype = amp_dtype_for(device.type, amp_dtype) if amp else None
         self._scaler = (torch.amp.GradScaler(device.type)
                         if self.amp_dtype == torch.float16 else None)
@@ -172,8 +172,8 @@ class SimpleTrainer(TrainerBase):
         data = self._next_batch()
         data_time = time.perf_counter() - start
 
-        autocast = (torch.autocast(self._device_type, dtype=self.amp_dtype) if self.amp
-                    else contextlib.nullcontext())
+        autocast = (torch.autocast(self._device_type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else contextlib.nullcontext())
         with autocast:
             try:
                 loss_dict = self.model(data)

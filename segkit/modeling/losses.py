@@ -42,7 +42,7 @@ with warnings.catch_warnings():
     from fvcore.nn import smooth_l1_loss as _fv_smooth_l1_loss
 
 __all__ = ["SigmoidFocalLoss", "SmoothL1Loss", "GIoULoss", "CrossEntropyLoss", "REDUCTIONS",
-           "box_regression_loss", "check_reduction"]
+           "box_regression_loss", "check_reduction", "check_same_shape"]
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -52,6 +52,16 @@ def _check_reduction(loss: str, reduction: str) -> str:
         raise ValueError(f"loss '{loss}': reduction must be one of {list(REDUCTIONS)}, "
                          f"got {reduction!r}")
     return reduction
+
+
+def check_same_shape(loss: str, **tensors: Tensor) -> None:
+    """Raise a ValueError naming the loss and every argument's shape unless all ``tensors``
+    (a loss's inputs, by argument name) have one shape: broadcasting would silently compute a
+    different loss."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = " and ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"loss '{loss}': {listed} must have the same shape")
 
 
 def check_reduction(loss: Optional[nn.Module], allowed: Sequence[str], where: str) -> None:
@@ -119,9 +129,7 @@ class SigmoidFocalLoss(nn.Module):
         self.reduction = _check_reduction("focal", reduction)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if logits.shape != targets.shape:
-            raise ValueError(f"loss 'focal': logits {tuple(logits.shape)} and targets "
-                             f"{tuple(targets.shape)} must have the same shape")
+        check_same_shape("focal", logits=logits, targets=targets)
         return _fv_sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=self.alpha,
                                       gamma=self.gamma, reduction=self.reduction)
 
@@ -152,9 +160,7 @@ class SmoothL1Loss(nn.Module):
         self.reduction = _check_reduction("smooth_l1", reduction)
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        if pred.shape != target.shape:
-            raise ValueError(f"loss 'smooth_l1': pred {tuple(pred.shape)} and target "
-                             f"{tuple(target.shape)} must have the same shape")
+        check_same_shape("smooth_l1", pred=pred, target=target)
         return _fv_smooth_l1_loss(pred, target, beta=self.beta, reduction=self.reduction)
 
     def extra_repr(self) -> str:

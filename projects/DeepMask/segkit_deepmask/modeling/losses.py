@@ -4,13 +4,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segkit.modeling.losses import REDUCTIONS, check_same_shape
 from segkit.registry import LOSSES
 from segkit.utils.comm import get_world_size
 
 __all__ = ["PatchLogisticLoss"]
-
-_REDUCTIONS = ("sum", "mean", "none")
-
 
 @LOSSES.register("logistic", scope="deepmask")
 class PatchLogisticLoss(nn.Module):
@@ -35,15 +33,13 @@ class PatchLogisticLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, reduction: str = "sum"):
         super().__init__()
-        if reduction not in _REDUCTIONS:
+        if reduction not in REDUCTIONS:
             raise ValueError(f"loss 'deepmask.logistic': reduction must be one of "
-                             f"{list(_REDUCTIONS)}, got {reduction!r}")
+                             f"{list(REDUCTIONS)}, got {reduction!r}")
         self.weight, self.reduction = float(weight), reduction
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if logits.shape != labels.shape:
-            raise ValueError(f"loss 'deepmask.logistic': logits {tuple(logits.shape)} and "
-                             f"labels {tuple(labels.shape)} must have the same shape")
+        check_same_shape("deepmask.logistic", logits=logits, labels=labels)
         per_patch = F.softplus(-labels.to(logits.dtype) * logits)
         if per_patch.dim() > 1:
             per_patch = per_patch.flatten(1).mean(1)
