@@ -117,6 +117,15 @@ def test_optional_nms_on_mask_boxes(deepmask):
     inst = full_image_inference(deepmask, [image_input(48, 64)], settings)[0]
     iou = pairwise_iou(inst.pred_boxes, inst.pred_boxes)
     assert len(inst) > 0 and (iou.triu(1) <= 0.5 + 1e-6).all()
+    # an NMS that suppresses nothing (IoU > 1 never happens) gives the NMS-free proposals:
+    # the masks its pass computed are reused for the same windows
+    plain = full_image_inference(deepmask, [image_input(48, 64)],
+                                 settings.replace(nms_thresh=None))[0]
+    kept = full_image_inference(deepmask, [image_input(48, 64)],
+                                settings.replace(nms_thresh=1.0))[0]
+    assert torch.equal(kept.scores, plain.scores)
+    assert torch.equal(kept.pred_masks, plain.pred_masks)
+    assert torch.equal(kept.pred_boxes.tensor, plain.pred_boxes.tensor)
 
 
 def test_settings_are_checked_and_come_from_the_config():

@@ -167,18 +167,23 @@ def predict_image(model: nn.Module, image: Tensor, orig_size: Tuple[int, int],
                            for k, lv in enumerate(levels)])
     pos = torch.cat([torch.arange(lv.scores.numel(), device=logits.device) for lv in levels])
     order = torch.sort(logits, descending=True, stable=True).indices
+    refine = model.refinement is not None and not settings.coarse_masks
+    coarse = None
     if settings.nms_thresh is not None:
         order = order[: settings.nms_pre_topk]
         coarse = _window_masks(model, levels, level_idx[order], pos[order], False, None)
         boxes, _ = paste_window_masks(coarse, _windows(model, levels, level_idx[order],
                                                        pos[order]),
                                       orig_size, settings.mask_threshold, with_masks=False)
-        order = order[nms(boxes, logits[order], settings.nms_thresh)]
+        keep = nms(boxes, logits[order], settings.nms_thresh)[: settings.max_proposals]
+        order, coarse = order[keep], coarse[keep]
     order = order[: settings.max_proposals]
     level_idx, pos, logits = level_idx[order], pos[order], logits[order]
-    refine = model.refinement is not None and not settings.coarse_masks
     windows = _windows(model, levels, level_idx, pos)
-    masks = _window_masks(model, levels, level_idx, pos, refine, settings.refine_batch_size)
+    if coarse is not None and not refine:  # the NMS pass already computed the kept masks
+        masks = coarse
+    else:
+        masks = _window_masks(model, levels, level_idx, pos, refine, settings.refine_batch_size)
     boxes, pasted = paste_window_masks(masks, windows, orig_size, settings.mask_threshold,
                                        with_masks=settings.paste_masks)
     scales = torch.tensor([lv.log2_scale for lv in levels], device=logits.device)
