@@ -62,6 +62,16 @@ def _features(seed=0, batch=2, h=64, w=96):
             .requires_grad_() for k in range(2, 7)}
 
 
+def _train_step(model, inputs, expect_nonzero=True):
+    """One training forward/backward of a meta-architecture: every loss finite, every
+    trainable parameter reached by a gradient. Returns the loss dict."""
+    losses = model(inputs)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    _assert_trainable_grads(model, expect_nonzero=expect_nonzero)
+    return losses
+
+
 def test_resnet():
     torch.manual_seed(0)
     model = build(RESNET, BACKBONES).train()
@@ -171,10 +181,7 @@ def test_two_stage_with_and_without_gt():
                                     "conv_dim": 8}},
     }, META_ARCHS, path="model").train()
     inputs = _two_images()
-    losses = model(inputs)
-    assert len(losses) == 5 and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    _assert_trainable_grads(model)
+    assert len(_train_step(model, inputs)) == 5
 
 
 def test_retinanet_head_with_and_without_gt():
@@ -207,10 +214,7 @@ def test_one_stage_with_and_without_gt():
                  "anchor_sizes": [[16], [32], [64], [128], [256]]},
     }, META_ARCHS, path="model").train()
     inputs = _two_images()
-    losses = model(inputs)
-    assert len(losses) == 2 and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    _assert_trainable_grads(model)
+    assert len(_train_step(model, inputs)) == 2
 
 
 def test_every_registered_modeling_component_is_tested_here():
@@ -250,10 +254,8 @@ def test_proposal_only_with_and_without_gt():
                                "post_nms_topk_test": 20},
     }, META_ARCHS, path="model").train()
     inputs = _two_images()
-    losses = model(inputs)
+    losses = _train_step(model, inputs, expect_nonzero=False)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
-    sum(losses.values()).backward()
-    _assert_trainable_grads(model, expect_nonzero=False)
     model.eval()
     with torch.no_grad():
         out = model([{"image": inputs[0]["image"], "height": 128, "width": 192}])
